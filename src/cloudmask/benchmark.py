@@ -1,0 +1,379 @@
+"""One benchmark run end to end: run directory, MLPerf log, data, model, training, inference, results.json.
+
+``run`` is what ``cloudmask train`` does; ``bench`` adds a cached synthetic dataset and a summary table;
+``infer_only`` scores a trained run's model in a new run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+from mlperf_logging.mllog import constants as C
+
+from . import __version__, data, runtime
+from .config import Config, load_config
+from .errors import CloudmaskError, ConfigError, RunDirError
+from .experiments import MODEL, MLPERF_LOG, RunDir, attach_console_log, detach, setup_console
+from .mlperf import MLPerfLog, log_hyperparameters, log_submission
+
+log = logging.getLogger(__name__)
+
+RESULTS_SCHEMA = 1
+
+
+def division(cfg: Config) -> str:
+    if cfg.mlperf.division != "auto":
+        return cfg.mlperf.division
+    return "closed" if not cfg.deviations() else "open"
+
+
+def platform_name(cfg: Config, gpus: list[str]) -> str:
+    if cfg.mlperf.platform != "auto":
+        return cfg.mlperf.platform
+    device = f"{len(gpus)}x {gpus[0]}" if gpus else f"CPU {runtime.cpu_model()}"
+    return f"{socket.gethostname()}: {device}"
+
+
+def _resume_config(run: RunDir, changes: dict | None) -> Config:
+    """The run's saved config; a resume that would change any key is refused, naming the keys."""
+    saved = run.config()
+    if changes:
+        requested = load_config(changes.get("config"), changes.get("overrides", ()), base=saved.to_dict())
+        requested = requested.with_values(changes.get("values", {}), "command line")
+        a, b = _flatten(saved.to_dict()), _flatten(requested.to_dict())
+        differing = sorted(k for k in a if a[k] != b.get(k))
+        if differing:
+            shown = ", ".join(f"{k}: {a[k]!r} -> {b[k]!r}" for k in differing[:4])
+            raise ConfigError(f"{run.path} was started with a different config ({shown})",
+                              "--resume continues the same run: drop --config/--set, or start a new run")
+    return saved
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def run(cfg: Config | None, out: str | os.PathLike | None = None, resume: bool = False,
+        resume_changes: dict | None = None) -> dict:
+    """Train (or resume) and evaluate; returns results.json's content.
+
+    When resuming, ``cfg`` is ignored: the run's saved config is used, and ``resume_changes``
+    ({"config": file, "overrides": [...], "values": {...}}) must not change it."""
+    runtime.quiet_tensorflow()
+    setup_console()
+    if resume:
+        if out is None:
+            raise RunDirError("--resume needs the run directory", "pass --out DIR of the run to continue")
+        run_dir = RunDir.for_resume(out)
+        cfg = _resume_config(run_dir, resume_changes)
+        state = run_dir.read_state() or {}
+    else:
+        assert cfg is not None
+        # fail on data problems before a run directory is created
+        data.resolve_layout(cfg.data.root, cfg.data.train_dir, cfg.data.test_dir, need_test=cfg.infer.enabled)
+        run_dir = RunDir.create(out, cfg)
+        state = {}
+    handler = attach_console_log(run_dir)
+    mlog = MLPerfLog(run_dir / MLPERF_LOG)
+    try:
+        return _run(cfg, run_dir, state, mlog)
+    except CloudmaskError as e:
+        log.error("run stopped: %s", e)
+        _write_partial(run_dir, cfg, state, e)
+        raise
+    finally:
+        mlog.close()
+        detach(handler)
+
+
+def _run(cfg: Config, run_dir: RunDir, state: dict, mlog: MLPerfLog) -> dict:
+    from . import evaluate, model as model_lib, train
+
+    resumed = bool(state.get("run_started"))  # the MLPerf init block is in the log already
+    t_start = time.time()
+    state.setdefault("attempts", 0)
+    state["attempts"] += 1
+    if not resumed:
+        mlog.start(C.INIT_START)
+    for note in cfg.notes:
+        log.info("note: %s", note)
+    runtime.seed_everything(cfg.seed, cfg.train.deterministic)
+    gpus = runtime.accelerators()
+    layout = data.resolve_layout(cfg.data.root, cfg.data.train_dir, cfg.data.test_dir, need_test=cfg.infer.enabled)
+    td = train.prepare_data(cfg, layout.train_dir, start_epoch=state.get("epochs_done", 0))
+    log.info("cloudmask %s  run %s  backend %s  devices: %s", __version__, run_dir.path, runtime.backend(),
+             ", ".join(gpus) or "CPU")
+    log.info("data: %d training files (%d patches), %d validation files (%d patches), layout %s",
+             len(td.train_files), td.train_patches, len(td.val_files), td.val_patches, layout.naming)
+
+    phase = state.get("phase", "training")
+    if phase == "training" and state.get("latest"):
+        model = train.load_checkpoint(run_dir / state["latest"])
+        log.info("resuming after epoch %d from %s", state["epochs_done"], state["latest"])
+    elif phase == "training":
+        model = model_lib.compile_model(model_lib.build_from_config(cfg), cfg.train.learning_rate,
+                                        cfg.accumulation_steps)
+    else:
+        model = train.load_checkpoint(run_dir / MODEL)
+
+    if not resumed:
+        log_submission(mlog, cfg, platform_name(cfg, gpus), division(cfg))
+        mlog.event(C.CACHE_CLEAR, False)  # the page cache is not dropped (needs root); logged honestly
+        log_hyperparameters(mlog, cfg, td.train_patches, td.val_patches,
+                            nodes=int(os.environ.get("SLURM_NNODES", "1")), accelerators_per_node=len(gpus))
+        mlog.end(C.INIT_STOP)
+        mlog.start(C.RUN_START)
+        state["run_started"] = True
+    else:
+        mlog.event("cloudmask_resume", state.get("epochs_done", 0), attempt=state["attempts"], phase=phase)
+    state["phase"] = phase
+    run_dir.write_state(state)
+
+    outcome = None
+    if phase == "training":
+        outcome = train.fit(cfg, run_dir, model, td, mlog, state)
+        train.save_model(model, run_dir / MODEL)
+        state["phase"] = "inference" if cfg.infer.enabled else "done"
+        run_dir.write_state(state)
+    history = train.read_history(run_dir)[: state.get("epochs_done", 0)]
+
+    test = None
+    if cfg.infer.enabled:
+        test_files = data.find_files(layout.test_dir)
+        if cfg.infer.max_files:
+            test_files = test_files[: cfg.infer.max_files]
+        epoch_num = state.get("epochs_done", 0)
+        mlog.start(C.EVAL_START, "inference", epoch_num=epoch_num)
+        test = evaluate.evaluate(model, test_files, cfg, layout.test_dir, run_dir / "masks")
+        mlog.end(C.EVAL_STOP, "inference", epoch_num=epoch_num)
+        log.info("test: avg_accuracy %.4f over %d files (majority-class baseline %.4f), %.2f s per image",
+                 test["avg_accuracy"], test["files"], test["majority_baseline"], test["time_per_inference_s"])
+
+    results = build_results(cfg, state, history, test, td, gpus, status="success",
+                            fit_s=outcome.fit_s if outcome else state.get("fit_s", 0.0), wall_s=time.time() - t_start)
+    run_dir.write_results(results)
+    mlog.event("result", reference_result(cfg, results, td, gpus))
+    mlog.end(C.RUN_STOP, status="success")
+    state["phase"] = "done"
+    run_dir.write_state(state)
+    _log_reference_lines(cfg, results, td, gpus)
+    return results
+
+
+def _log_reference_lines(cfg, results, td, gpus) -> None:
+    """The reference's two text-log lines (spec §6.2), for parsers written against it."""
+    n_files = len(td.train_files) + len(td.val_files)
+    nodes = int(os.environ.get("SLURM_NNODES", "1"))
+    log.info("CloudMask training, samples = %d, epochs=%d, bs=%d, nodes=%d, gpus=%d, time_per_epoch=%.2f",
+             n_files, results["epochs_run"], cfg.train.batch_size, nodes, len(gpus),
+             results["timing"]["time_per_epoch_s"])
+    if results["test"]:
+        log.info("CloudMask inference, inferences=%d, bs=%d, nodes=%d, gpus=%d, time_per_inference=%.2f",
+                 results["test"]["files"], cfg.infer.batch_size, nodes, len(gpus),
+                 results["timing"]["time_per_inference_s"])
+
+
+def build_results(cfg: Config, state: dict, history: list[dict], test: dict | None, td, gpus: list[str],
+                  status: str, fit_s: float, wall_s: float, error: str | None = None) -> dict:
+    last = history[-1] if history else {}
+    epochs_run = len(history)
+    return {
+        "schema_version": RESULTS_SCHEMA,
+        "benchmark": "cloudmask",
+        "version": __version__,
+        "status": status,
+        "error": error,
+        "seed": cfg.seed,
+        "config_sha256": cfg.sha256(),
+        "division": division(cfg),
+        "deviations": cfg.deviations(),
+        "input_pipeline": "streaming-hdf5",
+        "micro_batch_size": cfg.train.micro_batch_size or cfg.train.batch_size,
+        "backend": runtime.backend(),
+        "devices": gpus or ["CPU"],
+        "epochs_configured": cfg.train.epochs,
+        "epochs_run": epochs_run,
+        "stopped_early": bool(state.get("stopped_early")),
+        "best_epoch": state.get("best_epoch"),
+        "best_val_loss": state.get("best_val_loss"),
+        "restored_best_weights": state.get("restored_best_epoch") is not None,
+        "attempts": state.get("attempts", 1),
+        "train": {k: last.get(k) for k in ("accuracy", "loss", "val_accuracy", "val_loss")},
+        "history": {k: [row[k] for row in history] for k in ("loss", "accuracy", "val_loss", "val_accuracy")},
+        "test": test,
+        "timing": {
+            "epoch_s": [row["epoch_s"] for row in history],
+            "train_s": fit_s,
+            "time_per_epoch_s": fit_s / epochs_run if epochs_run else None,
+            "time_per_configured_epoch_s": fit_s / cfg.train.epochs,
+            "samples_per_s": [row["samples_per_s"] for row in history],
+            "inference_s": test["inference_s"] if test else None,
+            "time_per_inference_s": test["time_per_inference_s"] if test else None,
+            "wall_s": wall_s,
+        },
+        "samples": {
+            "train": td.train_patches if td else None,
+            "val": td.val_patches if td else None,
+            "train_files": len(td.train_files) if td else None,
+            "val_files": len(td.val_files) if td else None,
+            "test_files": test["files"] if test else 0,
+            "train_steps_per_epoch": td.train_stream.batches if td else None,
+        },
+    }
+
+
+def reference_result(cfg: Config, results: dict, td, gpus: list[str]) -> dict:
+    """The reference v1.2 ``result`` record (same field names), so existing log parsers keep working."""
+    out = {
+        "name": "cloudmask",
+        "training": {
+            "samples": len(td.train_files) + len(td.val_files),
+            **results["train"],
+            "history": results["history"],
+            "batch_size": cfg.train.batch_size,
+            "crop_size": cfg.image.overlap,
+            "learning_rate": cfg.train.learning_rate,
+        },
+    }
+    if results["test"]:
+        out["inference"] = {"avg_accuracy": results["test"]["avg_accuracy"],
+                            "accuracy": [r["accuracy"] for r in results["test"]["per_file"]]}
+        out["inference_analyze"] = {"number": results["test"]["files"], "bs": cfg.infer.batch_size,
+                                    "nodes": int(os.environ.get("SLURM_NNODES", "1")), "gpus": len(gpus),
+                                    "time_per_inference": results["test"]["time_per_inference_s"]}
+    return out
+
+
+def _write_partial(run_dir: RunDir, cfg: Config, state: dict, error: CloudmaskError) -> None:
+    """results.json for a run that stopped early, so reports list it with its reason."""
+    from .train import TrainingInterrupted, read_history
+
+    status = "interrupted" if isinstance(error, TrainingInterrupted) else "failed"
+    history = read_history(run_dir)[: state.get("epochs_done", 0)]
+    results = build_results(cfg, state, history, None, None, [], status=status, fit_s=state.get("fit_s", 0.0),
+                            wall_s=0.0, error=str(error))
+    run_dir.write_results(results)
+
+
+# ----------------------------------------------------------------------------------------------- bench
+
+
+def synthetic_cache_dir(cfg: Config) -> Path:
+    if cfg.bench.cache_dir:
+        return Path(cfg.bench.cache_dir).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cloudmask"
+
+
+def synthetic_dataset(cfg: Config) -> Path:
+    """The bench dataset, synthesized once per (size, seed) and reused; built in a temporary directory and
+    renamed into place, so an interrupted build is never mistaken for a dataset."""
+    from .synth import GENERATOR_VERSION, synthesize
+
+    b = cfg.bench
+    h, w = cfg.image.height, cfg.image.width
+    root = synthetic_cache_dir(cfg)
+    target = root / f"synthetic-v{GENERATOR_VERSION}-{h}x{w}-train{b.train_files}-test{b.test_files}-seed{b.synth_seed}"
+    if target.is_dir():
+        log.info("synthetic dataset: %s (cached)", target)
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{target.name}.{os.getpid()}.tmp"
+    log.info("synthesizing %d training + %d test files into %s ...", b.train_files, b.test_files, target)
+    t0 = time.perf_counter()
+    synthesize(tmp, b.train_files, b.test_files, b.synth_seed, height=h, width=w)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished the same dataset first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("synthesized in %.1f s", time.perf_counter() - t0)
+    return target
+
+
+def bench(cfg: Config, data_root: str | None = None, out: str | None = None) -> dict:
+    """Train + infer on ``data_root`` or on a cached synthetic dataset, then print a summary table."""
+    setup_console()
+    if data_root is None and not (cfg.data.root or cfg.data.train_dir):
+        data_root = str(synthetic_dataset(cfg))
+    if data_root is not None:
+        cfg = cfg.with_values({"data.root": str(data_root)}, "--data")
+    results = run(cfg, out)
+    log.info("\n%s", summary_table(results))
+    return results
+
+
+def summary_table(results: dict) -> str:
+    from .tables import text_table
+
+    t, timing, test = results["train"], results["timing"], results["test"] or {}
+    rows = [
+        ["epochs run", f"{results['epochs_run']} of {results['epochs_configured']}"],
+        ["train accuracy / loss", f"{t['accuracy']:.4f} / {t['loss']:.4f}"],
+        ["val accuracy / loss", f"{t['val_accuracy']:.4f} / {t['val_loss']:.4f}"],
+        ["test avg accuracy", f"{test['avg_accuracy']:.4f} ({test['files']} files)" if test else "-"],
+        ["majority-class baseline", f"{test['majority_baseline']:.4f}" if test else "-"],
+        ["time per epoch", f"{timing['time_per_epoch_s']:.2f} s"],
+        ["training throughput", f"{max(timing['samples_per_s']):.1f} patches/s (best epoch)"],
+        ["time per test image", f"{timing['time_per_inference_s']:.2f} s" if test else "-"],
+        ["division", f"{results['division']}" + (f" (deviations: {', '.join(results['deviations'])})"
+                                                 if results["deviations"] else "")],
+    ]
+    return text_table(["cloudmask bench", ""], rows)
+
+
+# ------------------------------------------------------------------------------------------ infer only
+
+
+def infer_only(source: str | os.PathLike, checkpoint: str = "final", data_root: str | None = None,
+               out: str | None = None, overrides: list[str] = ()) -> dict:
+    """Score a trained run's model on the test set in a new run directory (the source run is only read)."""
+    from . import evaluate, train
+
+    runtime.quiet_tensorflow()
+    setup_console()
+    src = RunDir.for_resume(source)
+    cfg = src.config()
+    values = {"data.root": data_root, "data.test_dir": None} if data_root else {}
+    cfg = cfg.with_values(values, "--data").with_overrides(overrides)
+    state = src.read_state() or {}
+    if checkpoint == "final":
+        model_file = src / MODEL
+    elif state.get(checkpoint):
+        model_file = src / state[checkpoint]
+    else:
+        raise RunDirError(f"{src.path}: has no {checkpoint} checkpoint", "use --checkpoint final|best|latest")
+    if not model_file.is_file():
+        raise RunDirError(f"{model_file}: model file missing", "the source run did not finish training")
+    layout = data.resolve_layout(cfg.data.root, None, cfg.data.test_dir, need_train=False)
+    target = Path(out) if out else src.path.with_name(f"{src.path.name}-infer-{checkpoint}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = RunDir.create(target, cfg)
+    handler = attach_console_log(run_dir)
+    try:
+        runtime.seed_everything(cfg.seed, cfg.train.deterministic)
+        model = train.load_checkpoint(model_file)
+        files = data.find_files(layout.test_dir)[: cfg.infer.max_files or None]
+        test = evaluate.evaluate(model, files, cfg, layout.test_dir, run_dir / "masks")
+        results = {"schema_version": RESULTS_SCHEMA, "benchmark": "cloudmask", "version": __version__,
+                   "mode": "inference", "status": "success", "source_run": str(src.path),
+                   "checkpoint": checkpoint, "model_file": str(model_file), "seed": cfg.seed,
+                   "config_sha256": cfg.sha256(), "backend": runtime.backend(),
+                   "devices": runtime.accelerators() or ["CPU"], "test": test,
+                   "timing": {"inference_s": test["inference_s"], "time_per_inference_s": test["time_per_inference_s"]}}
+        run_dir.write_results(results)
+        log.info("test: avg_accuracy %.4f over %d files; results in %s", test["avg_accuracy"], test["files"],
+                 run_dir.path)
+        return results
+    finally:
+        detach(handler)

@@ -1,0 +1,458 @@
+"""One configuration schema: packaged YAML defaults, a config file, dotted ``--set`` overrides, validated up front.
+
+Defaults live in ``configs/default.yaml`` (the single place a default is written); the constraints on each key
+live in ``RULES`` below. A config file may also be the reference's flat ``cloudMaskConfig.yaml``; its keys are
+mapped onto this schema, and keys that have no effect here come back as notes for the user.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import yaml
+
+from .errors import ConfigError
+
+# --------------------------------------------------------------------------------------------------------------
+# YAML: PyYAML follows YAML 1.1, where 1e-3 is a string; users write --set train.learning_rate=1e-3.
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Constraints per key
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How to check one key: ``check`` returns an error text or None."""
+
+    describe: str
+    check: Callable[[Any], str | None]
+
+
+def _int(lo: int | None = None, hi: int | None = None, optional: bool = False) -> Rule:
+    def check(v):
+        if v is None and optional:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int):
+            return "must be an integer"
+        if lo is not None and v < lo:
+            return f"must be >= {lo}"
+        if hi is not None and v > hi:
+            return f"must be <= {hi}"
+        return None
+
+    span = f" in [{lo}, {hi if hi is not None else 'inf'}]" if lo is not None else ""
+    return Rule(f"integer{span}{' or null' if optional else ''}", check)
+
+
+def _float(lo: float | None = None, hi: float | None = None, open_lo=False, open_hi=False) -> Rule:
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return "must be a finite number"
+        if lo is not None and (v < lo or (open_lo and v == lo)):
+            return f"must be {'>' if open_lo else '>='} {lo}"
+        if hi is not None and (v > hi or (open_hi and v == hi)):
+            return f"must be {'<' if open_hi else '<='} {hi}"
+        return None
+
+    return Rule("number", check)
+
+
+def _bool() -> Rule:
+    return Rule("true or false", lambda v: None if isinstance(v, bool) else "must be true or false")
+
+
+def _choice(*choices) -> Rule:
+    return Rule(
+        " | ".join(map(str, choices)),
+        lambda v: None if v in choices else f"must be one of {', '.join(map(str, choices))}",
+    )
+
+
+def _text(optional: bool = False) -> Rule:
+    def check(v):
+        if v is None and optional:
+            return None
+        if not isinstance(v, str) or not v.strip():
+            return "must be a non-empty string"
+        return None
+
+    return Rule("string" + (" or null" if optional else ""), check)
+
+
+def _verbose() -> Rule:
+    return Rule("auto | 0 | 1 | 2", lambda v: None if v in ("auto", 0, 1, 2) else "must be auto, 0, 1 or 2")
+
+
+RULES: dict[str, Rule] = {
+    "seed": _int(0, 2**31 - 1),
+    "data.root": _text(optional=True),
+    "data.train_dir": _text(optional=True),
+    "data.test_dir": _text(optional=True),
+    "data.normalisation": _choice("fixed", "zscore"),
+    "data.train_split": _float(0.0, 1.0, open_lo=True, open_hi=True),
+    "data.split_seed": _int(0, 2**32 - 1),
+    "data.min_finite_fraction": _float(0.0, 1.0),
+    "data.skip_bad": _bool(),
+    "data.read_threads": _int(1, 64),
+    "image.height": _int(16),
+    "image.width": _int(16),
+    "image.patch_size": _int(8),
+    "image.overlap": _int(0),
+    "model.filters": _int(1, 1024),
+    "model.depth": _int(1, 8),
+    "train.epochs": _int(1, 100_000),
+    "train.batch_size": _int(1, 65_536),
+    "train.micro_batch_size": _int(1, 65_536, optional=True),
+    "train.learning_rate": _float(0.0, 10.0, open_lo=True),
+    "train.shuffle_buffer_files": _int(1, 10_000),
+    "train.deterministic": _bool(),
+    "train.early_stopping.enabled": _bool(),
+    "train.early_stopping.patience": _int(0),
+    "train.early_stopping.min_delta": _float(0.0),
+    "train.early_stopping.restore_best_weights": _bool(),
+    "train.verbose": _verbose(),
+    "infer.enabled": _bool(),
+    "infer.threshold": _float(0.0, 1.0, open_lo=True, open_hi=True),
+    "infer.images_per_call": _int(1, 1024),
+    "infer.batch_size": _int(1, 65_536),
+    "infer.save_masks": _bool(),
+    "infer.save_probabilities": _bool(),
+    "infer.max_files": _int(1, optional=True),
+    "mlperf.benchmark": _choice("cloudmask"),
+    "mlperf.org": _text(),
+    "mlperf.division": _choice("auto", "closed", "open"),
+    "mlperf.status": _choice("cloud", "onprem", "preview", "research"),
+    "mlperf.platform": _text(),
+    "output.root": _text(),
+    "bench.train_files": _int(2, 10_000),
+    "bench.test_files": _int(1, 10_000),
+    "bench.synth_seed": _int(0, 2**31 - 1),
+    "bench.cache_dir": _text(optional=True),
+}
+
+# The reference (MLCommons v1.1 / NYU) value of every key that changes what is measured. A run whose config
+# differs in any of these is not comparable with the published numbers; results.json lists the differences.
+REFERENCE_VALUES: dict[str, Any] = {
+    "data.normalisation": "fixed",
+    "data.train_split": 0.8,
+    "data.split_seed": 42,
+    "image.height": 1200,
+    "image.width": 1500,
+    "image.patch_size": 256,
+    "image.overlap": 80,
+    "model.filters": 32,
+    "model.depth": 3,
+    "train.batch_size": 32,
+    "train.learning_rate": 0.001,
+    "train.early_stopping.restore_best_weights": False,
+    "infer.threshold": 0.5,
+}
+
+# --------------------------------------------------------------------------------------------------------------
+# The reference's flat cloudMaskConfig.yaml (S1) and config.yaml (S2)
+
+_REFERENCE_MAP = {
+    "organisation": "mlperf.org",
+    "platform": "mlperf.platform",
+    "train_dir": "data.train_dir",
+    "inference_dir": "data.test_dir",
+    "PATCH_SIZE": "image.patch_size",
+    "IMAGE_H": "image.height",
+    "IMAGE_W": "image.width",
+    "CROP_SIZE": "image.overlap",
+    "seed": "seed",
+    "learning_rate": "train.learning_rate",
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "train_split": "data.train_split",
+}
+_REFERENCE_UNUSED = {
+    "benchmark": "the benchmark is always logged as 'cloudmask'",
+    "accelerators_per_node": "measured from the visible devices, not configured",
+    "nodes": "measured, not configured",
+    "gpu": "measured from the visible devices, not configured",
+    "model_file": "models are written inside the run directory",
+    "output_dir": "masks are written inside the run directory",
+    "log_file": "logs are written inside the run directory",
+    "mlperf_logfile": "the MLPerf log is <run>/mlperf.log",
+    "MIN_SST": "unused by the reference too",
+    "clip_offset": "unused by the reference too",
+    "no_cache": "the streaming input pipeline never caches the dataset in RAM",
+    "experiment": "sweeps are described by `cloudmask grid` files",
+    "system": "host facts are recorded in manifest.json",
+}
+_REFERENCE_FIXED = {"N_CHANNELS": 9, "training_loss": "binary_crossentropy", "training_metrics": "accuracy"}
+
+
+def is_reference_format(raw: dict) -> bool:
+    known_here = set(_defaults())
+    return any(k not in known_here and (k in _REFERENCE_MAP or k in _REFERENCE_UNUSED or k in _REFERENCE_FIXED)
+               for k in raw)
+
+
+def from_reference(raw: dict, source: str) -> tuple[dict, list[str]]:
+    """Map a reference flat config onto this schema; return (nested overrides, notes for the user)."""
+    nested: dict = {}
+    notes: list[str] = []
+    for key, value in raw.items():
+        if key in _REFERENCE_MAP:
+            _set_dotted(nested, _REFERENCE_MAP[key], value)
+        elif key in ("division", "status"):
+            allowed = ("closed", "open") if key == "division" else ("cloud", "onprem", "preview", "research")
+            if value in allowed:
+                _set_dotted(nested, f"mlperf.{key}", value)
+            else:
+                notes.append(f"{key}: {value!r} is not an MLPerf {key} ({', '.join(allowed)}); using the default")
+        elif key == "submission" and isinstance(value, dict):
+            for sub, target in (("org", "mlperf.org"), ("platform", "mlperf.platform")):
+                if value.get(sub):
+                    _set_dotted(nested, target, value[sub])
+            notes.append("submission: org and platform mapped; the other fields are ignored")
+        elif key in _REFERENCE_FIXED:
+            if value != _REFERENCE_FIXED[key]:
+                raise ConfigError(f"{source}: {key}={value!r} is not supported",
+                                  f"this benchmark fixes {key}={_REFERENCE_FIXED[key]!r}")
+        elif key in _REFERENCE_UNUSED:
+            notes.append(f"{key}: ignored ({_REFERENCE_UNUSED[key]})")
+        else:
+            raise ConfigError(f"{source}: unknown key '{key}'",
+                              "use this project's schema (`cloudmask config show`) or the reference's flat keys")
+    return nested, notes
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _defaults() -> dict:
+    text = resources.files("cloudmask").joinpath("configs/default.yaml").read_text()
+    return yaml_load(text)
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("cloudmask").joinpath("configs")
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml") and p.name != "default.yaml")
+
+
+def read_preset(name: str) -> dict:
+    """A packaged preset (configs/<name>.yaml) as a partial config tree."""
+    text = resources.files("cloudmask").joinpath(f"configs/{name}.yaml").read_text()
+    return _parse_mapping(text, f"preset '{name}'")
+
+
+def _read_yaml(path: str) -> tuple[dict, str]:
+    """Read a config file, or a packaged preset given by name (e.g. ``bench``)."""
+    p = Path(path).expanduser()
+    if not p.exists() and "/" not in path and not path.endswith((".yaml", ".yml")):
+        if path in preset_names():
+            return read_preset(path), f"preset '{path}'"
+        raise ConfigError(f"config '{path}' is neither a file nor a preset",
+                          f"presets: {', '.join(preset_names()) or 'none'}")
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror or e}", "check the path") from None
+    return _parse_mapping(text, str(p)), str(p)
+
+
+def _parse_mapping(text: str, source: str) -> dict:
+    try:
+        data = yaml_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" line {where.line + 1}" if where else ""
+        raise ConfigError(f"{source}:{line} is not valid YAML", "fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a config file must be a mapping of keys to values")
+    return data
+
+
+def _set_dotted(tree: dict, key: str, value) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def _merge(base: dict, update: dict, source: str, prefix: str = "") -> None:
+    for key, value in update.items():
+        full = f"{prefix}{key}"
+        if key not in base:
+            raise ConfigError(f"{source}: unknown key '{full}'", _suggest(full))
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: '{full}' is a section; give it sub-keys", _suggest(full + "."))
+            _merge(base[key], value, source, full + ".")
+        else:
+            if isinstance(value, dict):
+                raise ConfigError(f"{source}: '{full}' takes a value, not a section")
+            base[key] = value
+
+
+def _flat_keys(tree: dict, prefix: str = "") -> Iterable[str]:
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flat_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def _suggest(key: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key.rstrip("."), list(_flat_keys(_defaults())), n=3, cutoff=0.5)
+    return f"did you mean {' or '.join(close)}?" if close else "see `cloudmask config show` for every key"
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` -> ("a.b", value parsed as YAML, so numbers, booleans and null have their types)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r} is not key=value", "e.g. --set train.epochs=5")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(config_file: str | None = None, overrides: Iterable[str] = (),
+                base: dict | None = None) -> "Config":
+    """Defaults <- ``base`` (e.g. a preset) <- config file <- ``--set`` overrides; validated."""
+    tree = copy.deepcopy(_defaults())
+    notes: list[str] = []
+    if base:
+        _merge(tree, base, "built-in settings")
+    if config_file:
+        raw, source = _read_yaml(config_file)
+        if is_reference_format(raw):
+            raw, notes = from_reference(raw, source)
+            notes = [f"{source}: reference config mapped; {n}" for n in notes]
+        _merge(tree, raw, source)
+    cfg = Config(tree, notes)
+    return cfg.with_overrides(overrides)
+
+
+def config_from_dict(tree: dict, source: str) -> "Config":
+    """A resolved config read back from a run directory (every key present)."""
+    full = copy.deepcopy(_defaults())
+    _merge(full, tree, source)
+    cfg = Config(full)
+    cfg.validate(source)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Config:
+    """A validated, resolved configuration. ``cfg.train.batch_size`` or ``cfg["train.batch_size"]``."""
+
+    def __init__(self, tree: dict, notes: list[str] | None = None):
+        object.__setattr__(self, "_tree", tree)
+        object.__setattr__(self, "notes", list(notes or []))
+
+    def __getattr__(self, name):
+        try:
+            value = self._tree[name]
+        except KeyError:
+            raise AttributeError(name) from None
+        return Config(value) if isinstance(value, dict) else value
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Config is read-only; build a new one with load_config(..., overrides)")
+
+    def __getitem__(self, dotted: str):
+        node = self._tree
+        for part in dotted.split("."):
+            node = node[part]
+        return node
+
+    def to_dict(self) -> dict:
+        return copy.deepcopy(self._tree)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self._tree, sort_keys=False, default_flow_style=False)
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_yaml().encode()).hexdigest()
+
+    def with_values(self, values: dict[str, Any], source: str = "--set") -> "Config":
+        """A new validated config with dotted keys replaced, e.g. {"data.root": "/data"}."""
+        tree = self.to_dict()
+        for key, value in values.items():
+            update: dict = {}
+            _set_dotted(update, key, value)
+            _merge(tree, update, source)
+        cfg = Config(tree, self.notes)
+        cfg.validate()
+        return cfg
+
+    def with_overrides(self, overrides: Iterable[str]) -> "Config":
+        return self.with_values(dict(parse_override(item) for item in overrides))
+
+    def validate(self, source: str | None = None) -> None:
+        for key in _flat_keys(self._tree):
+            rule = RULES.get(key)
+            if rule is None:  # a key in default.yaml without a rule is a bug, not a user error
+                raise RuntimeError(f"no validation rule for config key {key}")
+            problem = rule.check(self[key])
+            if problem:
+                where = f"{source}: " if source else ""
+                raise ConfigError(f"{where}{key}={self[key]!r} {problem}", f"expected {rule.describe}")
+        self._check_geometry(source)
+
+    def _check_geometry(self, source: str | None) -> None:
+        img = self.image
+        where = f"{source}: " if source else ""
+        if img.overlap % 2:
+            raise ConfigError(f"{where}image.overlap={img.overlap} must be even",
+                              "half of it is trimmed from each side of a test patch")
+        if img.overlap >= img.patch_size:
+            raise ConfigError(f"{where}image.overlap={img.overlap} must be smaller than image.patch_size")
+        if img.patch_size > min(img.height, img.width):
+            raise ConfigError(f"{where}image.patch_size={img.patch_size} exceeds the image size")
+        micro = self.train.micro_batch_size
+        if micro is not None and (micro > self.train.batch_size or self.train.batch_size % micro):
+            raise ConfigError(f"{where}train.micro_batch_size={micro} must divide train.batch_size="
+                              f"{self.train.batch_size}", "e.g. 8 or 16 for a batch of 32")
+        if img.patch_size % (2 ** self.model.depth):
+            raise ConfigError(f"{where}image.patch_size={img.patch_size} must be divisible by 2**model.depth "
+                              f"= {2 ** self.model.depth}")
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per global batch (1 = no gradient accumulation)."""
+        micro = self.train.micro_batch_size
+        return self.train.batch_size // micro if micro else 1
+
+    def deviations(self) -> dict[str, dict]:
+        """Keys whose value differs from the reference run: {key: {"value": ..., "reference": ...}}."""
+        return {k: {"value": self[k], "reference": ref} for k, ref in REFERENCE_VALUES.items() if self[k] != ref}

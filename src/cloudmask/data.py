@@ -1,0 +1,411 @@
+"""The SLSTR dataset on disk: discovery, layouts, reading one file, the file split, verify, manifest, download.
+
+A dataset directory holds a training and a test directory, in either published layout:
+``training/`` + ``inference/`` (current) or ``one-day/`` + ``ssts/`` (2022-2025). Files are found by the
+reference's recursive pattern ``**/S3A*.hdf`` and sorted by relative path, so every machine sees the same order
+(the reference used unsorted glob order, which depends on the file system).
+
+Each file holds ``refs`` (H, W, 6) reflectance, ``bts`` (H, W, 3) brightness temperature in K and ``bayes``
+(H, W, 1) integer cloud flags; the input image is refs then bts (9 channels) and the label is ``bayes > 0``.
+
+Non-finite values (the released files are believed finite; raw SLSTR has NaN fill) are replaced per channel by
+that channel's smallest finite value in the image, the rule of the STFC pre-release loader; non-finite labels
+become 0 (clear). A file whose refs+bts are less than ``data.min_finite_fraction`` finite is rejected.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from . import fileio
+from .errors import DataError
+from .preprocess import N_BTS, N_CHANNELS, N_REFS, Geometry
+
+PATTERN = "S3A*.hdf"
+LAYOUTS = {"training": ("training", "inference"), "one-day": ("one-day", "ssts")}
+KEYS = {"refs": N_REFS, "bts": N_BTS, "bayes": 1}
+MANIFEST_NAME = "MANIFEST.sha256"
+
+
+# ---------------------------------------------------------------------------------------------- discovery
+
+
+def find_files(directory: str | os.PathLike) -> list[Path]:
+    """All ``**/S3A*.hdf`` below ``directory``, sorted by path relative to it."""
+    root = Path(directory)
+    return sorted(root.rglob(PATTERN), key=lambda p: p.relative_to(root).as_posix())
+
+
+@dataclass(frozen=True)
+class Layout:
+    train_dir: Path | None
+    test_dir: Path | None
+    naming: str  # "training", "one-day" or "explicit"
+
+
+def resolve_layout(root: str | None = None, train_dir: str | None = None, test_dir: str | None = None,
+                   need_train: bool = True, need_test: bool = True) -> Layout:
+    """Find the training and test directories from a dataset root or explicit paths."""
+    if train_dir or test_dir:
+        tr = Path(train_dir).expanduser() if train_dir else None
+        te = Path(test_dir).expanduser() if test_dir else None
+        if root and (tr is None or te is None):
+            base = resolve_layout(root, need_train=need_train and tr is None, need_test=need_test and te is None)
+            tr, te = tr or base.train_dir, te or base.test_dir
+        layout = Layout(tr, te, "explicit")
+    elif root:
+        layout = _layout_of_root(Path(root).expanduser())
+    else:
+        raise DataError("no dataset given", "pass --data DIR (or set data.root), or run `cloudmask bench` "
+                                            "to use synthetic data")
+    for needed, path, key in ((need_train, layout.train_dir, "data.train_dir"),
+                              (need_test, layout.test_dir, "data.test_dir")):
+        if needed:
+            _require_files(path, key)
+    return layout
+
+
+def _layout_of_root(root: Path) -> Layout:
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset directory does not exist",
+                        "check the path, or fetch the data with `cloudmask data download DIR`")
+    found = [name for name, (tr, te) in LAYOUTS.items() if (root / tr).is_dir() or (root / te).is_dir()]
+    if len(found) > 1:
+        raise DataError(f"{root}: holds both training/+inference/ and one-day/+ssts/",
+                        "set data.train_dir and data.test_dir to say which to use")
+    if not found:
+        if root.name in {d for pair in LAYOUTS.values() for d in pair} or (root / "day").is_dir() \
+                or (root / "night").is_dir():
+            raise DataError(f"{root}: this is a split directory, not a dataset root",
+                            f"pass its parent {root.parent} instead")
+        raise DataError(f"{root}: no training/ + inference/ (or one-day/ + ssts/) directories",
+                        "pass the directory that holds them, or create one with `cloudmask data synth`")
+    tr, te = LAYOUTS[found[0]]
+    return Layout(root / tr, root / te, found[0])
+
+
+def _require_files(path: Path | None, key: str) -> None:
+    if path is None:
+        raise DataError(f"{key} is not set and no dataset root gives it", "pass --data DIR or set " + key)
+    if not path.is_dir():
+        raise DataError(f"{path}: directory does not exist ({key})", "check the path")
+    if not find_files(path):
+        raise DataError(f"{path}: no {PATTERN} files found below it ({key})",
+                        "the directory is empty or holds other files; check the path or re-download")
+
+
+def day_or_night(path: Path) -> str:
+    parts = {p.lower() for p in path.parts[-3:-1]}
+    return "day" if "day" in parts else "night" if "night" in parts else "other"
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+@dataclass
+class Sample:
+    """One file: raw (unnormalised) float32 image (H, W, 9) = refs then bts, uint8 label (H, W, 1)."""
+
+    path: Path
+    image: np.ndarray
+    label: np.ndarray
+    nonfinite: int = 0
+
+
+def _h5_reason(err: Exception) -> str:
+    text = str(err)
+    inner = re.findall(r"\(([^()]*)\)", text)
+    return (inner[-1] if inner else text).strip() or type(err).__name__
+
+
+def read_sample(path: str | os.PathLike, geometry: Geometry = Geometry(), min_finite_fraction: float = 0.5) -> Sample:
+    """Read refs, bts and bayes of one file; raise DataError naming the file for every kind of bad input."""
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            arrays = {key: _read_key(f, key, n, path, geometry) for key, n in KEYS.items()}
+    except DataError:
+        raise
+    except (OSError, RuntimeError, ValueError, TypeError) as e:
+        raise DataError(f"{path}: not a readable HDF5 file ({_h5_reason(e)})",
+                        "the file is truncated or corrupt: re-download it, or pass --skip-bad") from None
+    image = np.concatenate([arrays["refs"], arrays["bts"]], axis=-1, dtype=np.float32)
+    bayes = arrays["bayes"]
+    finite = np.isfinite(image)
+    nonfinite = int(image.size - np.count_nonzero(finite))
+    if nonfinite:
+        frac = 1.0 - nonfinite / image.size
+        if frac < min_finite_fraction:
+            raise DataError(f"{path}: only {frac:.1%} of refs/bts values are finite "
+                            f"(data.min_finite_fraction={min_finite_fraction})",
+                            "the file is damaged: re-download it, or pass --skip-bad")
+        for c in range(N_CHANNELS):
+            ok = finite[..., c]
+            if not ok.all():
+                image[..., c][~ok] = image[..., c][ok].min()
+    if np.issubdtype(bayes.dtype, np.floating):
+        bayes = np.nan_to_num(bayes, nan=0.0, posinf=0.0, neginf=0.0)
+    label = (bayes > 0).astype(np.uint8)
+    return Sample(path, image, label, nonfinite)
+
+
+def _read_key(f: h5py.File, key: str, channels: int, path: Path, g: Geometry) -> np.ndarray:
+    if key not in f:
+        raise DataError(f"{path}: missing dataset '{key}' (has: {', '.join(sorted(f.keys())) or 'nothing'})",
+                        "not a cloud_slstr_ds1 file; re-download it or pass --skip-bad")
+    ds = f[key]
+    if not isinstance(ds, h5py.Dataset):
+        raise DataError(f"{path}: '{key}' is a group, not a dataset", "re-download the file or pass --skip-bad")
+    shape = ds.shape
+    if key == "bayes" and len(shape) == 2:
+        shape = (*shape, 1)
+    if shape != (g.height, g.width, channels):
+        raise DataError(f"{path}: '{key}' has shape {ds.shape}, expected ({g.height}, {g.width}, {channels})",
+                        "the file is not a 1 km SLSTR image, or image.height/width are set wrongly")
+    if ds.dtype.kind not in "fiub":
+        raise DataError(f"{path}: '{key}' has dtype {ds.dtype}, expected a numeric type",
+                        "re-download the file or pass --skip-bad")
+    return ds[()].reshape(shape)
+
+
+# -------------------------------------------------------------------------------------------------- split
+
+
+def split_files(files: list, train_size: float = 0.8, seed: int = 42) -> tuple[list, list]:
+    """Identical to ``sklearn.model_selection.train_test_split(files, train_size=..., random_state=seed)``.
+
+    scikit-learn takes floor(train_size * n) training items, the rest as test, and permutes with a legacy
+    ``RandomState(seed)``: the test items are the first n_test of the permutation, training the following ones.
+    """
+    n = len(files)
+    n_train = int(np.floor(train_size * n))
+    n_test = n - n_train
+    if n_train == 0 or n_test == 0:
+        raise DataError(f"cannot split {n} training file(s) with data.train_split={train_size}",
+                        "the training directory needs enough files for both a training and a validation part")
+    perm = np.random.RandomState(seed).permutation(n)
+    return [files[i] for i in perm[n_test:n_test + n_train]], [files[i] for i in perm[:n_test]]
+
+
+# ------------------------------------------------------------------------------------------------- verify
+
+
+@dataclass
+class FileCheck:
+    path: Path
+    split: str
+    daynight: str
+    problem: str | None = None
+    finite_fraction: float | None = None
+    cloud_fraction: float | None = None
+    dtypes: dict = field(default_factory=dict)
+
+
+def check_file(path: Path, split: str, geometry: Geometry, min_finite_fraction: float) -> FileCheck:
+    check = FileCheck(path, split, day_or_night(path))
+    try:
+        with h5py.File(path, "r") as f:
+            check.dtypes = {k: str(f[k].dtype) for k in KEYS if k in f and isinstance(f[k], h5py.Dataset)}
+        sample = read_sample(path, geometry, min_finite_fraction)
+    except DataError as e:
+        check.problem = str(e.message).removeprefix(f"{path}: ")
+        return check
+    except OSError as e:
+        check.problem = f"not a readable HDF5 file ({_h5_reason(e)})"
+        return check
+    check.finite_fraction = 1.0 - sample.nonfinite / sample.image.size
+    check.cloud_fraction = float(sample.label.mean())
+    return check
+
+
+@dataclass
+class VerifyReport:
+    checks: list[FileCheck]
+
+    @property
+    def bad(self) -> list[FileCheck]:
+        return [c for c in self.checks if c.problem]
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        out: dict[tuple[str, str], int] = {}
+        for c in self.checks:
+            if not c.problem:
+                out[(c.split, c.daynight)] = out.get((c.split, c.daynight), 0) + 1
+        return out
+
+
+def verify(root: str | os.PathLike, geometry: Geometry = Geometry(), min_finite_fraction: float = 0.5,
+           jobs: int | None = None, progress=None) -> VerifyReport:
+    """Check every file of a dataset root (both splits) in parallel worker processes."""
+    layout = resolve_layout(str(root), need_train=False, need_test=False)
+    todo = []
+    for split, directory in (("train", layout.train_dir), ("test", layout.test_dir)):
+        if directory is not None and directory.is_dir():
+            todo += [(p, split) for p in find_files(directory)]
+    if not todo:
+        raise DataError(f"{root}: no {PATTERN} files in {layout.train_dir} or {layout.test_dir}",
+                        "the dataset is empty; download or synthesize it first")
+    jobs = jobs or min(4, os.cpu_count() or 1)
+    checks: list[FileCheck] = []
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(check_file, p, split, geometry, min_finite_fraction) for p, split in todo]
+        for i, fut in enumerate(futures, 1):
+            checks.append(fut.result())
+            if progress:
+                progress(i, len(futures), checks[-1])
+    return VerifyReport(checks)
+
+
+# ----------------------------------------------------------------------------------------------- manifest
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dataset_files(root: Path) -> list[Path]:
+    layout = resolve_layout(str(root), need_train=False, need_test=False)
+    files = []
+    for d in (layout.train_dir, layout.test_dir):
+        if d is not None and d.is_dir():
+            files += find_files(d)
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def hash_files(root: Path, files: list[Path], jobs: int = 4) -> dict[str, str]:
+    """{relative path: sha256}; hashlib releases the GIL, so threads hash in parallel."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        digests = list(pool.map(_sha256, files))
+    return {p.relative_to(root).as_posix(): d for p, d in zip(files, digests)}
+
+
+def write_manifest(root: str | os.PathLike, jobs: int = 4) -> Path:
+    """Write ``MANIFEST.sha256`` (``sha256sum -c`` format) atomically; return its path."""
+    root = Path(root)
+    digests = hash_files(root, dataset_files(root), jobs)
+    return fileio.write_text(root / MANIFEST_NAME, "".join(f"{d}  {rel}\n" for rel, d in digests.items()))
+
+
+def read_manifest(path: Path) -> dict[str, str]:
+    entries = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        m = re.fullmatch(r"([0-9a-f]{64}) [ *](.+)", line)
+        if not m:
+            raise DataError(f"{path}:{n}: not a sha256sum line", "regenerate it with --write-manifest")
+        entries[m.group(2)] = m.group(1)
+    return entries
+
+
+@dataclass
+class ManifestCheck:
+    missing: list[str]
+    changed: list[str]
+    extra: list[str]
+    checked: int
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.changed)
+
+
+def check_manifest(root: str | os.PathLike, jobs: int = 4) -> ManifestCheck:
+    root = Path(root)
+    manifest = root / MANIFEST_NAME
+    if not manifest.is_file():
+        raise DataError(f"{manifest}: no manifest", "create one with `cloudmask data verify DIR --write-manifest`")
+    expected = read_manifest(manifest)
+    present = {p.relative_to(root).as_posix(): p for p in dataset_files(root)}
+    missing = sorted(set(expected) - set(present))
+    common = sorted(set(expected) & set(present))
+    digests = hash_files(root, [present[r] for r in common], jobs)
+    changed = [r for r in common if digests[r] != expected[r]]
+    extra = sorted(set(present) - set(expected))
+    return ManifestCheck(missing, changed, extra, len(common))
+
+
+def manifest_digest(root: str | os.PathLike) -> str | None:
+    """sha256 of the dataset's manifest file, the dataset's identity in provenance records."""
+    path = Path(root) / MANIFEST_NAME
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+# ----------------------------------------------------------------------------------------------- download
+
+ENDPOINT = "https://s3.echo.stfc.ac.uk"
+BUCKET_PREFIX = "s3://sciml-datasets/es/cloud_slstr_ds1"
+
+
+def download_commands(dest: Path, naming: str, endpoint: str = ENDPOINT, prefix: str = BUCKET_PREFIX,
+                      splits: tuple[str, ...] = ("train", "test")) -> list[list[str]]:
+    """``aws s3 sync`` commands; sync skips files already complete, so re-running resumes."""
+    train, test = LAYOUTS[naming]
+    names = [n for s, n in (("train", train), ("test", test)) if s in splits]
+    return [["aws", "s3", "sync", "--no-sign-request", "--endpoint-url", endpoint, "--cli-read-timeout", "0",
+             f"{prefix}/{name}", str(dest / name)] for name in names]
+
+
+def probe_command(endpoint: str = ENDPOINT, prefix: str = BUCKET_PREFIX) -> list[str]:
+    return ["aws", "s3", "ls", "--no-sign-request", "--endpoint-url", endpoint, f"{prefix}/"]
+
+
+def detect_naming(endpoint: str = ENDPOINT, prefix: str = BUCKET_PREFIX) -> str:
+    """Which prefix naming the bucket uses now (it was renamed one-day/ssts -> training/inference)."""
+    out = _run_aws(probe_command(endpoint, prefix), capture=True)
+    listed = set(re.findall(r"PRE\s+(\S+)/", out))
+    for naming, (train, test) in LAYOUTS.items():
+        if train in listed and test in listed:
+            return naming
+    raise DataError(f"{prefix}/ at {endpoint} lists neither training/+inference/ nor one-day/+ssts/ "
+                    f"(found: {', '.join(sorted(listed)) or 'nothing'})",
+                    "the bucket moved again: pass --naming and --prefix, or use the Globus mirror in docs/dataset.md")
+
+
+def _run_aws(cmd: list[str], capture: bool = False) -> str:
+    if shutil.which(cmd[0]) is None:
+        raise DataError("the AWS command line client 'aws' is not installed",
+                        "install it with `pip install awscli` (anonymous access, no account needed)")
+    try:
+        done = subprocess.run(cmd, check=False, text=True, capture_output=capture)
+    except OSError as e:
+        raise DataError(f"cannot run {cmd[0]}: {e}") from None
+    if done.returncode != 0:
+        detail = (done.stderr or "").strip().splitlines()[-1:] if capture else []
+        raise DataError(f"`{' '.join(cmd[:3])} ...` failed with exit code {done.returncode}"
+                        + (f": {detail[0]}" if detail else ""),
+                        "re-run the same command to resume; check the endpoint and your network")
+    return done.stdout or ""
+
+
+def download(dest: str | os.PathLike, naming: str = "auto", endpoint: str = ENDPOINT, prefix: str = BUCKET_PREFIX,
+             splits: tuple[str, ...] = ("train", "test"), dry_run: bool = False, echo=print) -> list[list[str]]:
+    dest = Path(dest).expanduser()
+    if naming == "auto":
+        if dry_run:
+            echo("# naming auto: would first list the bucket to choose training/inference or one-day/ssts:")
+            echo(" ".join(probe_command(endpoint, prefix)))
+            naming = "training"
+        else:
+            naming = detect_naming(endpoint, prefix)
+    cmds = download_commands(dest, naming, endpoint, prefix, splits)
+    for cmd in cmds:
+        echo(" ".join(cmd))
+        if not dry_run:
+            Path(cmd[-1]).mkdir(parents=True, exist_ok=True)
+            _run_aws(cmd)
+    return cmds

@@ -1,0 +1,71 @@
+"""Process-wide setup that must happen before or right after Keras starts: backend, seeds, determinism, and what
+accelerators the backend sees."""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+from pathlib import Path
+
+import numpy as np
+
+
+def quiet_tensorflow() -> None:
+    # oneDNN/absl info lines would otherwise fill every console log; warnings and errors still show
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def backend() -> str:
+    import keras
+
+    return keras.backend.backend()
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """One seed for Python, NumPy and the Keras backend; optional op determinism (TensorFlow backend)."""
+    import keras
+
+    os.environ["PYTHONHASHSEED"] = str(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    keras.utils.set_random_seed(seed)
+    if deterministic and backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+
+
+def accelerators() -> list[str]:
+    """Names of the GPUs the Keras backend will use (empty on CPU)."""
+    name = backend()
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        out = []
+        for gpu in gpus:
+            try:
+                out.append(tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name))
+            except Exception:  # details are best effort; the count is what matters
+                out.append(gpu.name)
+        return out
+    if name == "jax":
+        import jax
+
+        return [d.device_kind for d in jax.devices() if d.platform == "gpu"]
+    if name == "torch":
+        import torch
+
+        return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return []
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -1,0 +1,32 @@
+"""`cloudmask bench`: the README's main job, run exactly as a user runs it (reference model and batch, 5 epochs)."""
+
+import json
+
+from cloudmask import benchmark
+from cloudmask.config import load_config
+from conftest import run_cli
+
+
+def test_bench_end_to_end_beats_the_majority_baseline(tmp_path):
+    out = tmp_path / "R"
+    done = run_cli("bench", "--out", str(out), env={"XDG_CACHE_HOME": str(tmp_path / "cache")}, timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("config.yaml", "results.json", "history.csv", "mlperf.log", "model.keras"):
+        assert (out / name).is_file(), name
+    r = json.loads((out / "results.json").read_text())
+    assert r["status"] == "success" and r["epochs_run"] == 5
+    assert r["division"] == "closed" and r["deviations"] == {}  # the reference model and hyper-parameters
+    assert r["test"]["files"] == 4 and len(list((out / "masks").glob("*.h5"))) == 4
+    assert r["test"]["avg_accuracy"] > r["test"]["majority_baseline"] + 0.05, r["test"]
+    assert "test avg accuracy" in done.stdout and "majority-class baseline" in done.stdout
+    assert run_cli("check-log", str(out)).returncode == 0
+
+
+def test_synthetic_bench_data_is_made_once_and_reused(tmp_path):
+    cfg = load_config("bench", [f"bench.cache_dir={tmp_path}", "bench.train_files=2", "bench.test_files=1"])
+    first = benchmark.synthetic_dataset(cfg)
+    stamp = {p: p.stat().st_mtime_ns for p in first.rglob("*.hdf")}
+    assert len(stamp) == 3
+    assert benchmark.synthetic_dataset(cfg) == first
+    assert {p: p.stat().st_mtime_ns for p in first.rglob("*.hdf")} == stamp
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary build directory left"

@@ -1,0 +1,250 @@
+"""End-to-end training runs with a tiny U-Net on real synthetic HDF5 files."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from cloudmask import benchmark, data
+from cloudmask.config import load_config
+from cloudmask.errors import CloudmaskError, DataError, RunDirError
+from conftest import TINY, assert_clean_error, run_cli
+
+
+def _train(dataset, out, *extra):
+    cfg = load_config(overrides=[*TINY, f"data.root={dataset}", *extra])
+    return benchmark.run(cfg, out)
+
+
+@pytest.fixture(scope="module")
+def finished_run(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "run"
+    results = _train(dataset, out, "train.deterministic=true")
+    return out, results
+
+
+def test_run_directory_holds_the_contract(finished_run):
+    out, results = finished_run
+    for name in ("config.yaml", "results.json", "history.csv", "mlperf.log", "console.log", "state.json",
+                 "model.keras"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    saved = load_config(str(out / "config.yaml"))  # every key written out, reloadable as a config file
+    assert (saved.model.filters, saved.train.epochs, saved.train.deterministic) == (4, 2, True)
+    assert saved.sha256() == results["config_sha256"]
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert "latest-epoch0002.keras" in checkpoints and any(n.startswith("best-") for n in checkpoints)
+    assert not [p for p in out.rglob("*.tmp*")], "temporary files left behind"
+
+
+def test_results_schema(finished_run):
+    _, r = finished_run
+    assert r["benchmark"] == "cloudmask" and r["status"] == "success" and r["seed"] == 1234
+    assert r["epochs_run"] == r["epochs_configured"] == 2
+    for key in ("accuracy", "loss", "val_accuracy", "val_loss"):
+        assert 0 <= r["train"][key] and np.isfinite(r["train"][key])
+    assert len(r["history"]["loss"]) == 2
+    test = r["test"]
+    assert test["files"] == 2 and len(test["per_file"]) == 2
+    assert test["avg_accuracy"] == pytest.approx(np.mean([f["accuracy"] for f in test["per_file"]]))
+    for f in test["per_file"]:
+        assert f["tp"] + f["fp"] + f["fn"] + f["tn"] == 1200 * 1500
+        assert f["accuracy"] == pytest.approx((f["tp"] + f["tn"]) / 1.8e6)
+    t = r["timing"]
+    assert len(t["epoch_s"]) == 2 and t["train_s"] >= sum(t["epoch_s"]) * 0.99
+    assert t["time_per_epoch_s"] == pytest.approx(t["train_s"] / 2)
+    assert t["time_per_inference_s"] == pytest.approx(t["inference_s"] / 2)
+    assert r["samples"] == {"train": 80, "val": 20, "train_files": 4, "val_files": 1, "test_files": 2,
+                            "train_steps_per_epoch": 10}
+    assert r["division"] == "open" and "model.filters" in r["deviations"]
+
+
+def test_history_csv(finished_run):
+    out, r = finished_run
+    rows = list(csv.DictReader(open(out / "history.csv")))
+    assert [int(row["epoch"]) for row in rows] == [1, 2]
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "epoch_s", "samples_per_s"):
+        assert all(float(row[key]) >= 0 for row in rows)
+    assert [float(row["loss"]) for row in rows] == pytest.approx(r["history"]["loss"])
+
+
+def test_masks_are_compact_and_match_the_scores(finished_run, dataset):
+    out, r = finished_run
+    masks = sorted((out / "masks").glob("*.h5"))
+    assert len(masks) == 2
+    for mask_file, scored in zip(masks, sorted(r["test"]["per_file"], key=lambda f: os.path.basename(f["file"]))):
+        with h5py.File(mask_file) as f:
+            mask = f["mask"][()]
+            assert mask.dtype == np.uint8 and mask.shape == (1200, 1500)
+            assert "probability" not in f
+        truth = data.read_sample(dataset / "inference" / scored["file"]).label[..., 0]
+        assert np.mean(mask == truth) == pytest.approx(scored["accuracy"])
+        assert mask_file.stat().st_size < 2e6  # the reference wrote ~149 MB per image
+
+
+def test_check_log_passes_and_fails_without_run_stop(finished_run, tmp_path):
+    out, _ = finished_run
+    assert run_cli("check-log", str(out)).returncode == 0
+    broken = tmp_path / "mlperf.log"
+    broken.write_text("".join(line for line in open(out / "mlperf.log") if '"key": "run_stop"' not in line))
+    done = run_cli("check-log", str(broken))
+    assert done.returncode == 1 and "run_stop" in done.stdout + done.stderr
+
+
+def test_mlperf_log_has_per_epoch_events_and_the_reference_result(finished_run):
+    out, r = finished_run
+    events = [json.loads(line.split(":::MLLOG ", 1)[1]) for line in open(out / "mlperf.log")]
+    keys = [e["key"] for e in events]
+    assert keys.count("epoch_start") == keys.count("epoch_stop") == 2
+    assert keys.count("eval_start") == 3  # two validations and the test inference
+    accs = [e["value"] for e in events if e["key"] == "eval_accuracy"]
+    assert accs == pytest.approx(r["history"]["val_accuracy"])
+    result = next(e["value"] for e in events if e["key"] == "result")
+    assert result["name"] == "cloudmask" and result["inference"]["avg_accuracy"] == r["test"]["avg_accuracy"]
+    assert set(result["training"]) >= {"samples", "accuracy", "loss", "val_loss", "val_accuracy", "history"}
+    assert keys[-1] == "run_stop"
+
+
+def test_same_seed_gives_identical_results(finished_run, dataset, tmp_path):
+    _, first = finished_run
+    second = _train(dataset, tmp_path / "again", "train.deterministic=true")
+    assert second["history"] == first["history"]
+    assert second["test"]["avg_accuracy"] == first["test"]["avg_accuracy"]
+    assert [f["accuracy"] for f in second["test"]["per_file"]] == [f["accuracy"] for f in first["test"]["per_file"]]
+    other = _train(dataset, tmp_path / "other", "train.deterministic=true", "seed=99")
+    assert other["history"]["loss"] != first["history"]["loss"]
+
+
+def test_an_existing_run_directory_is_refused_and_left_alone(finished_run, dataset):
+    out, _ = finished_run
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    done = run_cli("train", "--data", str(dataset), "--out", str(out), *sum((["--set", s] for s in TINY), []))
+    assert_clean_error(done, str(out), "already exists")
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_resume_with_a_different_config_is_refused(finished_run):
+    out, _ = finished_run
+    done = run_cli("train", "--resume", "--out", str(out), "--set", "train.epochs=9")
+    assert_clean_error(done, "different config", "train.epochs")
+
+
+def test_missing_data_is_a_clean_error(tmp_path):
+    done = run_cli("train", "--out", str(tmp_path / "r"))
+    assert_clean_error(done, "no dataset given")
+    assert not (tmp_path / "r").exists()
+    done = run_cli("train", "--data", str(tmp_path), "--out", str(tmp_path / "r"))
+    assert_clean_error(done, str(tmp_path))
+
+
+def test_sigterm_then_resume_continues_and_matches_an_uninterrupted_run(dataset, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--data", str(dataset), "--out", str(out)]
+    sets = [*TINY, "train.epochs=4", "train.deterministic=true"]
+    proc = subprocess.Popen([sys.executable, "-m", "cloudmask", *args, *sum((["--set", s] for s in sets), [])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "history.csv").is_file() and len((out / "history.csv").read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    time.sleep(0.5)  # into epoch 2
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr and "SIGTERM received" in stderr and "--resume" in stderr
+    interrupted = json.loads((out / "results.json").read_text())
+    assert interrupted["status"] == "interrupted" and 1 <= interrupted["epochs_run"] < 4
+    done_before = interrupted["epochs_run"]
+
+    done = run_cli("train", "--resume", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["status"] == "success" and resumed["epochs_run"] == 4 and resumed["attempts"] == 2
+    assert f"resuming after epoch {done_before}" in (out / "console.log").read_text()
+    assert run_cli("check-log", str(out)).returncode == 0
+
+    straight = _train(dataset, tmp_path / "straight", "train.epochs=4", "train.deterministic=true")
+    assert resumed["history"] == straight["history"]
+    assert resumed["test"]["avg_accuracy"] == straight["test"]["avg_accuracy"]
+
+
+def test_a_corrupt_checkpoint_on_resume(dataset, tmp_path):
+    out = tmp_path / "run"
+    _train(dataset, out, "train.epochs=1", "infer.enabled=false")
+    state = json.loads((out / "state.json").read_text())
+    # pretend the run was stopped after epoch 1 and its checkpoint got damaged
+    state.update(phase="training")
+    (out / "state.json").write_text(json.dumps(state))
+    (out / state["latest"]).write_bytes(b"garbage")
+    history = (out / "history.csv").read_text()
+    done = run_cli("train", "--resume", "--out", str(out), "--set", "train.epochs=1")
+    assert done.returncode != 0
+    done = run_cli("train", "--resume", "--out", str(out))
+    assert_clean_error(done, state["latest"].split("/")[-1], "cannot be loaded")
+    assert (out / "history.csv").read_text() == history
+
+
+def test_a_bad_file_met_mid_run(dataset_copy, tmp_path):
+    # headers fine, values all NaN: found only when the file is read during the epoch
+    victim = data.find_files(dataset_copy / "training")[0]
+    with h5py.File(victim, "r+") as f:
+        f["bts"][...] = np.nan
+        f["refs"][...] = np.nan
+    with pytest.raises(DataError, match=str(victim)):
+        _train(dataset_copy, tmp_path / "strict")
+    failed = json.loads((tmp_path / "strict" / "results.json").read_text())
+    assert failed["status"] == "failed" and str(victim) in failed["error"]
+    ok = _train(dataset_copy, tmp_path / "lenient", "data.skip_bad=true")
+    assert ok["status"] == "success" and ok["epochs_run"] == 2
+
+
+def test_micro_batches_give_the_same_training(dataset, tmp_path):
+    """Batches of 8 as 4 accumulated micro-batches of 2: the same updates up to float rounding."""
+    import keras
+
+    whole = _train(dataset, tmp_path / "whole", "train.deterministic=true", "infer.enabled=false")
+    micro = _train(dataset, tmp_path / "micro", "train.deterministic=true", "infer.enabled=false",
+                   "train.micro_batch_size=2")
+    assert micro["history"]["loss"] == pytest.approx(whole["history"]["loss"], rel=1e-4)
+    assert micro["samples"] == whole["samples"] and micro["micro_batch_size"] == 2
+    a = keras.models.load_model(tmp_path / "whole" / "model.keras")
+    b = keras.models.load_model(tmp_path / "micro" / "model.keras")
+    assert int(a.optimizer.iterations) == int(b.optimizer.iterations) == 20  # 2 epochs x 10 updates
+    # Adam moves every weight by about lr per step whatever the gradient's size, so float noise in tiny
+    # gradients shows as differences of a fraction of lr: bound them by one step (observed: ~1e-4)
+    worst = max(float(np.abs(wa - wb).max()) for wa, wb in zip(a.get_weights(), b.get_weights()))
+    assert worst <= 1e-3
+    assert micro["deviations"] == whole["deviations"]  # same global batch: not a deviation
+
+
+def test_early_stopping_and_best_weights(dataset, tmp_path):
+    r = _train(dataset, tmp_path / "es", "train.epochs=5", "train.early_stopping.enabled=true",
+               "train.early_stopping.patience=0", "train.early_stopping.min_delta=10.0", "infer.enabled=false")
+    assert r["stopped_early"] and r["epochs_run"] == 2 and not r["restored_best_weights"]
+    r = _train(dataset, tmp_path / "esb", "train.epochs=5", "train.early_stopping.enabled=true",
+               "train.early_stopping.patience=0", "train.early_stopping.min_delta=10.0",
+               "train.early_stopping.restore_best_weights=true", "infer.enabled=false")
+    assert r["restored_best_weights"] and "train.early_stopping.restore_best_weights" in r["deviations"]
+
+
+def test_infer_scores_a_finished_run_into_a_new_directory(finished_run, tmp_path):
+    out, r = finished_run
+    before = sorted(p.name for p in out.iterdir())
+    done = run_cli("infer", str(out), "--out", str(tmp_path / "inf"), "--set", "infer.save_probabilities=true")
+    assert done.returncode == 0, done.stderr
+    inf = json.loads((tmp_path / "inf" / "results.json").read_text())
+    assert inf["mode"] == "inference" and inf["test"]["avg_accuracy"] == r["test"]["avg_accuracy"]
+    with h5py.File(next((tmp_path / "inf" / "masks").glob("*.h5"))) as f:
+        assert f["probability"].dtype == np.float16
+    assert sorted(p.name for p in out.iterdir()) == before
+    done = run_cli("infer", str(tmp_path / "nope"))
+    assert_clean_error(done, "no such run directory")
