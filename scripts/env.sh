@@ -36,7 +36,7 @@ cloudmask_env() {
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
         echo "installing cloudmask-bench[$extras] into $venv (first time: a few minutes)" >&2
         "$venv/bin/python" -m pip install --quiet --upgrade pip >&2 || return 1
-        "$venv/bin/python" -m pip install --quiet -e "$root[$extras]" >&2 || return 1
+        "$venv/bin/python" -m pip install --quiet -e "${root}[${extras}]" >&2 || return 1
         echo "$want" >"$stamp"
     fi
     export PATH="$venv/bin:$PATH"

@@ -11,9 +11,20 @@ def test_bench_end_to_end_beats_the_majority_baseline(tmp_path):
     out = tmp_path / "R"
     done = run_cli("bench", "--out", str(out), env={"XDG_CACHE_HOME": str(tmp_path / "cache")}, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
-    for name in ("config.yaml", "results.json", "history.csv", "mlperf.log", "model.keras"):
+    for name in ("config.yaml", "results.json", "history.csv", "mlperf.log", "model.keras", "manifest.json",
+                 "timers.csv"):
         assert (out / name).is_file(), name
     r = json.loads((out / "results.json").read_text())
+    # no GPU here: energy says so and why; CPU energy is RAPL where the machine exposes it
+    assert r["energy"]["gpu"]["method"] == "none" and r["energy"]["gpu"]["reason"]
+    assert r["energy"]["cpu"]["method"] in ("none", "rapl")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["seed"] == r["seed"] and manifest["config_sha256"] == r["config_sha256"]
+    assert manifest["packages"]["keras"] and manifest["host"]["cpu_count"] >= 1 and manifest["end_time"]
+    phases = (out / "timers.csv").read_text()
+    for phase in ("run/init", "run/train/epoch 5", "run/inference"):
+        assert phase in phases
+    assert "# csv,timer,1,run/train," in (out / "console.log").read_text()
     assert r["status"] == "success" and r["epochs_run"] == 5
     assert r["division"] == "closed" and r["deviations"] == {}  # the reference model and hyper-parameters
     assert r["test"]["files"] == 4 and len(list((out / "masks").glob("*.h5"))) == 4

@@ -33,7 +33,7 @@ def finished_run(dataset, tmp_path_factory):
 def test_run_directory_holds_the_contract(finished_run):
     out, results = finished_run
     for name in ("config.yaml", "results.json", "history.csv", "mlperf.log", "console.log", "state.json",
-                 "model.keras"):
+                 "model.keras", "manifest.json", "timers.csv"):
         assert (out / name).is_file(), name
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
     saved = load_config(str(out / "config.yaml"))  # every key written out, reloadable as a config file

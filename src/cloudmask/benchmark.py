@@ -19,6 +19,7 @@ from .config import Config, load_config
 from .errors import CloudmaskError, ConfigError, RunDirError
 from .experiments import MODEL, MLPERF_LOG, RunDir, attach_console_log, detach, setup_console
 from .mlperf import MLPerfLog, log_hyperparameters, log_submission
+from .telemetry import RunTelemetry, merge_energy, slurm_nodes
 
 log = logging.getLogger(__name__)
 
@@ -85,52 +86,83 @@ def run(cfg: Config | None, out: str | os.PathLike | None = None, resume: bool =
         state = {}
     handler = attach_console_log(run_dir)
     mlog = MLPerfLog(run_dir / MLPERF_LOG)
+    state["attempts"] = state.get("attempts", 0) + 1
+    tel = RunTelemetry(cfg, run_dir.path, state["attempts"]).start()
+    outcome: dict = {}
     try:
-        return _run(cfg, run_dir, state, mlog)
+        outcome = _run(cfg, run_dir, state, mlog, tel)
+        return outcome
     except CloudmaskError as e:
         log.error("run stopped: %s", e)
         _write_partial(run_dir, cfg, state, e)
         raise
     finally:
+        energy = tel.finish(log)
+        if outcome:  # success: the energy section joins the results written by _run
+            outcome["energy"] = merge_energy(energy, state.get("energy_attempts", []),
+                                             train_history(run_dir, state))
+            run_dir.write_results(outcome)
+        else:  # kept for the totals of the attempt that finishes the run
+            state.setdefault("energy_attempts", []).append(energy)
+            run_dir.write_state(state)
         mlog.close()
         detach(handler)
 
 
-def _run(cfg: Config, run_dir: RunDir, state: dict, mlog: MLPerfLog) -> dict:
-    from . import evaluate, model as model_lib, train
+def train_history(run_dir: RunDir, state: dict) -> list[dict]:
+    from .train import read_history
 
+    return read_history(run_dir)[: state.get("epochs_done", 0)]
+
+
+def _run(cfg: Config, run_dir: RunDir, state: dict, mlog: MLPerfLog, tel: RunTelemetry) -> dict:
     resumed = bool(state.get("run_started"))  # the MLPerf init block is in the log already
     t_start = time.time()
-    state.setdefault("attempts", 0)
-    state["attempts"] += 1
-    if not resumed:
-        mlog.start(C.INIT_START)
-    for note in cfg.notes:
-        log.info("note: %s", note)
-    runtime.seed_everything(cfg.seed, cfg.train.deterministic)
-    gpus = runtime.accelerators()
-    layout = data.resolve_layout(cfg.data.root, cfg.data.train_dir, cfg.data.test_dir, need_test=cfg.infer.enabled)
-    td = train.prepare_data(cfg, layout.train_dir, start_epoch=state.get("epochs_done", 0))
-    log.info("cloudmask %s  run %s  backend %s  devices: %s", __version__, run_dir.path, runtime.backend(),
-             ", ".join(gpus) or "CPU")
-    log.info("data: %d training files (%d patches), %d validation files (%d patches), layout %s",
-             len(td.train_files), td.train_patches, len(td.val_files), td.val_patches, layout.naming)
+    timers, meter = tel.timers, tel.meter
+    with timers.phase("init"), meter.window("init"):
+        if not resumed:
+            mlog.start(C.INIT_START)
+        from . import evaluate, model as model_lib, train  # the framework import is part of init
+        for note in cfg.notes:
+            log.info("note: %s", note)
+        runtime.seed_everything(cfg.seed, cfg.train.deterministic)
+        gpus = runtime.accelerators()
+        layout = data.resolve_layout(cfg.data.root, cfg.data.train_dir, cfg.data.test_dir,
+                                     need_test=cfg.infer.enabled)
+        td = train.prepare_data(cfg, layout.train_dir, start_epoch=state.get("epochs_done", 0))
+        root = layout.train_dir.parent if layout.naming != "explicit" else None
+        tel.write_manifest(root, data.manifest_digest(root) if root else None,
+                           {"train_dir": str(layout.train_dir), "test_dir": str(layout.test_dir),
+                            "train_files": len(td.train_files), "val_files": len(td.val_files)})
+        log.info("cloudmask %s  run %s  backend %s  devices: %s", __version__, run_dir.path, runtime.backend(),
+                 ", ".join(gpus) or "CPU")
+        log.info("data: %d training files (%d patches), %d validation files (%d patches), layout %s",
+                 len(td.train_files), td.train_patches, len(td.val_files), td.val_patches, layout.naming)
+        for source in meter.sources:
+            log.info("%s energy: %s", source.kind.upper(),
+                     source.method if source.method != "none" else f"none ({source.reason})")
 
-    phase = state.get("phase", "training")
-    if phase == "training" and state.get("latest"):
-        model = train.load_checkpoint(run_dir / state["latest"])
-        log.info("resuming after epoch %d from %s", state["epochs_done"], state["latest"])
-    elif phase == "training":
-        model = model_lib.compile_model(model_lib.build_from_config(cfg), cfg.train.learning_rate,
-                                        cfg.accumulation_steps)
-    else:
-        model = train.load_checkpoint(run_dir / MODEL)
+        phase = state.get("phase", "training")
+        if phase == "training" and state.get("latest"):
+            model = train.load_checkpoint(run_dir / state["latest"])
+            log.info("resuming after epoch %d from %s", state["epochs_done"], state["latest"])
+        elif phase == "training":
+            model = model_lib.compile_model(model_lib.build_from_config(cfg), cfg.train.learning_rate,
+                                            cfg.accumulation_steps)
+        else:
+            model = train.load_checkpoint(run_dir / MODEL)
+
+    if phase == "training" and meter.active and cfg.telemetry.idle_seconds > 0:
+        with timers.phase("idle baseline"):
+            meter.measure_idle(cfg.telemetry.idle_seconds)
+        for kind, watts in meter.idle_w.items():
+            log.info("idle %s power: %s W", kind.upper(), ", ".join(f"{w:.1f}" for w in watts))
 
     if not resumed:
         log_submission(mlog, cfg, platform_name(cfg, gpus), division(cfg))
         mlog.event(C.CACHE_CLEAR, False)  # the page cache is not dropped (needs root); logged honestly
-        log_hyperparameters(mlog, cfg, td.train_patches, td.val_patches,
-                            nodes=int(os.environ.get("SLURM_NNODES", "1")), accelerators_per_node=len(gpus))
+        log_hyperparameters(mlog, cfg, td.train_patches, td.val_patches, nodes=slurm_nodes(),
+                            accelerators_per_node=len(gpus))
         mlog.end(C.INIT_STOP)
         mlog.start(C.RUN_START)
         state["run_started"] = True
@@ -139,13 +171,15 @@ def _run(cfg: Config, run_dir: RunDir, state: dict, mlog: MLPerfLog) -> dict:
     state["phase"] = phase
     run_dir.write_state(state)
 
-    outcome = None
+    fit_s = state.get("fit_s", 0.0)
     if phase == "training":
-        outcome = train.fit(cfg, run_dir, model, td, mlog, state)
-        train.save_model(model, run_dir / MODEL)
+        with timers.phase("train"):
+            fit_s = train.fit(cfg, run_dir, model, td, mlog, state,
+                              extra_callbacks=[train.PhaseTelemetry(meter, timers, mlog)]).fit_s
+            train.save_model(model, run_dir / MODEL)
         state["phase"] = "inference" if cfg.infer.enabled else "done"
         run_dir.write_state(state)
-    history = train.read_history(run_dir)[: state.get("epochs_done", 0)]
+    history = train_history(run_dir, state)
 
     test = None
     if cfg.infer.enabled:
@@ -154,13 +188,14 @@ def _run(cfg: Config, run_dir: RunDir, state: dict, mlog: MLPerfLog) -> dict:
             test_files = test_files[: cfg.infer.max_files]
         epoch_num = state.get("epochs_done", 0)
         mlog.start(C.EVAL_START, "inference", epoch_num=epoch_num)
-        test = evaluate.evaluate(model, test_files, cfg, layout.test_dir, run_dir / "masks")
+        with timers.phase("inference"), meter.window("inference"):
+            test = evaluate.evaluate(model, test_files, cfg, layout.test_dir, run_dir / "masks")
         mlog.end(C.EVAL_STOP, "inference", epoch_num=epoch_num)
         log.info("test: avg_accuracy %.4f over %d files (majority-class baseline %.4f), %.2f s per image",
                  test["avg_accuracy"], test["files"], test["majority_baseline"], test["time_per_inference_s"])
 
-    results = build_results(cfg, state, history, test, td, gpus, status="success",
-                            fit_s=outcome.fit_s if outcome else state.get("fit_s", 0.0), wall_s=time.time() - t_start)
+    results = build_results(cfg, state, history, test, td, gpus, status="success", fit_s=fit_s,
+                            wall_s=time.time() - t_start)
     run_dir.write_results(results)
     mlog.event("result", reference_result(cfg, results, td, gpus))
     mlog.end(C.RUN_STOP, status="success")
@@ -173,7 +208,7 @@ def _run(cfg: Config, run_dir: RunDir, state: dict, mlog: MLPerfLog) -> dict:
 def _log_reference_lines(cfg, results, td, gpus) -> None:
     """The reference's two text-log lines (spec §6.2), for parsers written against it."""
     n_files = len(td.train_files) + len(td.val_files)
-    nodes = int(os.environ.get("SLURM_NNODES", "1"))
+    nodes = slurm_nodes()
     log.info("CloudMask training, samples = %d, epochs=%d, bs=%d, nodes=%d, gpus=%d, time_per_epoch=%.2f",
              n_files, results["epochs_run"], cfg.train.batch_size, nodes, len(gpus),
              results["timing"]["time_per_epoch_s"])
@@ -211,6 +246,7 @@ def build_results(cfg: Config, state: dict, history: list[dict], test: dict | No
         "train": {k: last.get(k) for k in ("accuracy", "loss", "val_accuracy", "val_loss")},
         "history": {k: [row[k] for row in history] for k in ("loss", "accuracy", "val_loss", "val_accuracy")},
         "test": test,
+        "energy": None,  # filled in when the run's telemetry is closed
         "timing": {
             "epoch_s": [row["epoch_s"] for row in history],
             "train_s": fit_s,
@@ -249,7 +285,7 @@ def reference_result(cfg: Config, results: dict, td, gpus: list[str]) -> dict:
         out["inference"] = {"avg_accuracy": results["test"]["avg_accuracy"],
                             "accuracy": [r["accuracy"] for r in results["test"]["per_file"]]}
         out["inference_analyze"] = {"number": results["test"]["files"], "bs": cfg.infer.batch_size,
-                                    "nodes": int(os.environ.get("SLURM_NNODES", "1")), "gpus": len(gpus),
+                                    "nodes": slurm_nodes(), "gpus": len(gpus),
                                     "time_per_inference": results["test"]["time_per_inference_s"]}
     return out
 
@@ -360,20 +396,29 @@ def infer_only(source: str | os.PathLike, checkpoint: str = "final", data_root: 
     target = Path(out) if out else src.path.with_name(f"{src.path.name}-infer-{checkpoint}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = RunDir.create(target, cfg)
     handler = attach_console_log(run_dir)
+    tel = RunTelemetry(cfg, run_dir.path, attempt=1).start()
+    results: dict = {}
     try:
-        runtime.seed_everything(cfg.seed, cfg.train.deterministic)
-        model = train.load_checkpoint(model_file)
-        files = data.find_files(layout.test_dir)[: cfg.infer.max_files or None]
-        test = evaluate.evaluate(model, files, cfg, layout.test_dir, run_dir / "masks")
+        with tel.timers.phase("init"):
+            runtime.seed_everything(cfg.seed, cfg.train.deterministic)
+            model = train.load_checkpoint(model_file)
+            files = data.find_files(layout.test_dir)[: cfg.infer.max_files or None]
+            tel.write_manifest(layout.test_dir.parent, data.manifest_digest(layout.test_dir.parent),
+                               {"test_dir": str(layout.test_dir), "test_files": len(files)})
+        with tel.timers.phase("inference"), tel.meter.window("inference"):
+            test = evaluate.evaluate(model, files, cfg, layout.test_dir, run_dir / "masks")
         results = {"schema_version": RESULTS_SCHEMA, "benchmark": "cloudmask", "version": __version__,
                    "mode": "inference", "status": "success", "source_run": str(src.path),
                    "checkpoint": checkpoint, "model_file": str(model_file), "seed": cfg.seed,
                    "config_sha256": cfg.sha256(), "backend": runtime.backend(),
                    "devices": runtime.accelerators() or ["CPU"], "test": test,
                    "timing": {"inference_s": test["inference_s"], "time_per_inference_s": test["time_per_inference_s"]}}
-        run_dir.write_results(results)
         log.info("test: avg_accuracy %.4f over %d files; results in %s", test["avg_accuracy"], test["files"],
                  run_dir.path)
         return results
     finally:
+        energy = tel.finish(log)
+        if results:
+            results["energy"] = energy
+            run_dir.write_results(results)
         detach(handler)

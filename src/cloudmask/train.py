@@ -87,7 +87,8 @@ def read_history(run: RunDir) -> list[dict]:
     if not path.is_file():
         return []
     with open(path, newline="") as f:
-        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: (None if v == "" else int(v) if k == "epoch" else float(v)) for k, v in row.items()}
+                for row in csv.DictReader(f)]
 
 
 def write_history(run: RunDir, rows: list[dict]) -> None:
@@ -140,6 +141,42 @@ class EpochRecorder(keras.callbacks.Callback):
         log.info("epoch %d/%d  loss %.4f  accuracy %.4f  val_loss %.4f  val_accuracy %.4f  %.1f s  %.1f patches/s",
                  epoch + 1, self.epochs, row["loss"], row["accuracy"], row["val_loss"], row["val_accuracy"],
                  row["epoch_s"], row["samples_per_s"] or 0.0)
+
+
+class PhaseTelemetry(keras.callbacks.Callback):
+    """Energy windows and timers for every epoch and its validation; energy columns for history.csv and an
+    MLPerf energy event per epoch. Must come before EpochRecorder, which reads the closed epoch window."""
+
+    def __init__(self, meter, timers, mlog):
+        super().__init__()
+        self.meter, self.timers, self.mlog = meter, timers, mlog
+        self._epoch_timer = self._val_timer = None
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch + 1
+        self._epoch_timer = self.timers.start(f"epoch {self._epoch}")
+        self.meter.begin(f"epoch {self._epoch}")
+
+    def on_test_begin(self, logs=None):
+        self._val_timer = self.timers.start("validation")
+        self.meter.begin(f"validation {self._epoch}")
+
+    def on_test_end(self, logs=None):
+        self.meter.end(f"validation {self._epoch}")
+        self.timers.stop(self._val_timer)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.meter.end(f"epoch {self._epoch}")
+        self.timers.stop(self._epoch_timer)
+        for kind, key in (("gpu", "cloudmask_gpu_energy_j"), ("cpu", "cloudmask_cpu_energy_j")):
+            joules = self.meter.epoch_joules(f"epoch {self._epoch}", kind)
+            if joules is not None:
+                self.mlog.event(key, joules, epoch_num=self._epoch, method=self.meter.source(kind).method)
+
+    def columns(self, epoch) -> dict:
+        name = f"epoch {epoch + 1}"
+        return {"energy_j": self.meter.epoch_joules(name, "gpu"), "cpu_energy_j": self.meter.epoch_joules(name, "cpu")}
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
@@ -265,7 +302,9 @@ def fit(cfg, run: RunDir, model: keras.Model, td: TrainData, mlog, state: dict,
                                     patience=es_cfg.patience, min_delta=es_cfg.min_delta,
                                     restore_best_weights=es_cfg.restore_best_weights)
     interrupter = Interrupter()
-    callbacks = [recorder, *(extra_callbacks or []), *([es] if es else []), Checkpointer(run, state, es), interrupter]
+    extra_callbacks = list(extra_callbacks or [])
+    recorder.extra_columns = [cb.columns for cb in extra_callbacks if hasattr(cb, "columns")]
+    callbacks = [*extra_callbacks, recorder, *([es] if es else []), Checkpointer(run, state, es), interrupter]
     verbose = cfg.train.verbose
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 0
