@@ -7,7 +7,7 @@ import pytest
 
 from cloudmask import telemetry
 from cloudmask.telemetry import EnergyMeter, NvmlGpus, RaplPackages, Timers
-from fake_nvml import FakeGpu, FakeNvml, constant, ramp, two_gpus
+from fake_nvml import FakeGpu, FakeNvml, ramp, two_gpus
 
 
 def _meter(nvml, environ=None, interval=0.02, power_csv=None, powercap=None, tmp=None):

@@ -14,7 +14,7 @@ import pytest
 
 from cloudmask import benchmark, data
 from cloudmask.config import load_config
-from cloudmask.errors import CloudmaskError, DataError, RunDirError
+from cloudmask.errors import DataError
 from conftest import TINY, assert_clean_error, run_cli
 
 
@@ -248,3 +248,28 @@ def test_infer_scores_a_finished_run_into_a_new_directory(finished_run, tmp_path
     assert sorted(p.name for p in out.iterdir()) == before
     done = run_cli("infer", str(tmp_path / "nope"))
     assert_clean_error(done, "no such run directory")
+
+
+def test_stage_to_copies_the_dataset_once_and_logs_mlperf_staging(dataset, tmp_path):
+    stage = tmp_path / "node-local"
+    cfg = load_config(overrides=[*TINY, "train.epochs=1", "infer.max_files=1", f"data.root={dataset}"])
+    results = benchmark.run(cfg, tmp_path / "run", stage_to=stage)
+    staged = results["staging"][0]
+    n_files = len(data.find_files(dataset / "training")) + len(data.find_files(dataset / "inference"))
+    assert (staged["files"], staged["copied"]) == (n_files, n_files)
+    assert sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*.hdf")) == \
+        sorted(p.relative_to(dataset).as_posix() for p in dataset.rglob("*.hdf"))
+    log = (tmp_path / "run" / "mlperf.log").read_text()
+    assert log.index('"staging_start"') < log.index('"staging_stop"') < log.index('"init_stop"')
+    assert run_cli("check-log", str(tmp_path / "run")).returncode == 0
+    # a second run staging to the same place (a task requeued onto the same node) copies nothing
+    layout, again = data.stage(data.resolve_layout(str(dataset)), stage)
+    assert (again.files, again.copied) == (n_files, 0) and layout.train_dir == stage / "training"
+
+
+def test_stage_to_an_unwritable_place_is_a_clean_error(dataset, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    done = run_cli("train", "--data", str(dataset), "--out", str(tmp_path / "run"), "--stage-to",
+                   str(blocker / "x"), *(a for kv in TINY for a in ("--set", kv)))
+    assert_clean_error(done, "cannot stage the dataset")

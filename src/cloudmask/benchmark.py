@@ -65,11 +65,12 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def run(cfg: Config | None, out: str | os.PathLike | None = None, resume: bool = False,
-        resume_changes: dict | None = None) -> dict:
+        resume_changes: dict | None = None, stage_to: str | os.PathLike | None = None) -> dict:
     """Train (or resume) and evaluate; returns results.json's content.
 
     When resuming, ``cfg`` is ignored: the run's saved config is used, and ``resume_changes``
-    ({"config": file, "overrides": [...], "values": {...}}) must not change it."""
+    ({"config": file, "overrides": [...], "values": {...}}) must not change it. ``stage_to`` copies the dataset
+    there first (node-local disk); it is not part of the config because it differs per node, not per result."""
     runtime.quiet_tensorflow()
     setup_console()
     if resume:
@@ -90,7 +91,7 @@ def run(cfg: Config | None, out: str | os.PathLike | None = None, resume: bool =
     tel = RunTelemetry(cfg, run_dir.path, state["attempts"]).start()
     outcome: dict = {}
     try:
-        outcome = _run(cfg, run_dir, state, mlog, tel)
+        outcome = _run(cfg, run_dir, state, mlog, tel, stage_to)
         return outcome
     except CloudmaskError as e:
         log.error("run stopped: %s", e)
@@ -115,7 +116,8 @@ def train_history(run_dir: RunDir, state: dict) -> list[dict]:
     return read_history(run_dir)[: state.get("epochs_done", 0)]
 
 
-def _run(cfg: Config, run_dir: RunDir, state: dict, mlog: MLPerfLog, tel: RunTelemetry) -> dict:
+def _run(cfg: Config, run_dir: RunDir, state: dict, mlog: MLPerfLog, tel: RunTelemetry,
+         stage_to: str | os.PathLike | None = None) -> dict:
     resumed = bool(state.get("run_started"))  # the MLPerf init block is in the log already
     t_start = time.time()
     timers, meter = tel.timers, tel.meter
@@ -129,6 +131,17 @@ def _run(cfg: Config, run_dir: RunDir, state: dict, mlog: MLPerfLog, tel: RunTel
         gpus = runtime.accelerators()
         layout = data.resolve_layout(cfg.data.root, cfg.data.train_dir, cfg.data.test_dir,
                                      need_test=cfg.infer.enabled)
+        staged = None
+        if stage_to:
+            with timers.phase("stage data"):
+                mlog.start(C.STAGING_START)
+                layout, staged = data.stage(layout, stage_to)
+                mlog.end(C.STAGING_STOP, files=staged.files, copied=staged.copied, bytes=staged.bytes)
+            log.info("staged %d files (%d copied, %.1f MB) to %s in %.1f s", staged.files, staged.copied,
+                     staged.bytes / 1e6, staged.dest, staged.seconds)
+            state.setdefault("staging", []).append({"attempt": state["attempts"], "dest": str(staged.dest),
+                                                    "files": staged.files, "copied": staged.copied,
+                                                    "bytes": staged.bytes, "seconds": staged.seconds})
         td = train.prepare_data(cfg, layout.train_dir, start_epoch=state.get("epochs_done", 0))
         root = layout.train_dir.parent if layout.naming != "explicit" else None
         tel.write_manifest(root, data.manifest_digest(root) if root else None,
@@ -243,6 +256,7 @@ def build_results(cfg: Config, state: dict, history: list[dict], test: dict | No
         "best_val_loss": state.get("best_val_loss"),
         "restored_best_weights": state.get("restored_best_epoch") is not None,
         "attempts": state.get("attempts", 1),
+        "staging": state.get("staging", []),
         "train": {k: last.get(k) for k in ("accuracy", "loss", "val_accuracy", "val_loss")},
         "history": {k: [row[k] for row in history] for k in ("loss", "accuracy", "val_loss", "val_accuracy")},
         "test": test,

@@ -127,9 +127,11 @@ def cmd_train(args) -> int:
     values = _command_line_values(args)
     if args.resume:
         benchmark.run(None, args.out, resume=True,
-                      resume_changes={"config": args.config, "overrides": args.set, "values": values})
+                      resume_changes={"config": args.config, "overrides": args.set, "values": values},
+                      stage_to=args.stage_to)
     else:
-        benchmark.run(load_config(args.config, args.set).with_values(values, "command line"), args.out)
+        benchmark.run(load_config(args.config, args.set).with_values(values, "command line"), args.out,
+                      stage_to=args.stage_to)
     return 0
 
 
@@ -159,6 +161,117 @@ def cmd_check_log(args) -> int:
         print(output)
     print(f"{'PASS' if ok else 'FAIL'}: {args.target}")
     return 0 if ok else 1
+
+
+# --------------------------------------------------------------------------------------- slurm and grids
+
+
+def _submit_options(args):
+    from .slurm import SubmitOptions
+
+    return SubmitOptions(data=args.data, container=args.container, image=args.image, stage=args.stage,
+                         extra_args=args.extra_args or "", sbatch_args=args.sbatch_arg, scripts=args.scripts,
+                         dry_run=args.dry_run)
+
+
+def cmd_submit(args) -> int:
+    from . import slurm
+    from .config import load_config
+    from .experiments import plan_experiment
+
+    opts = _submit_options(args)
+    cfg = load_config(args.config, args.set)
+    exp = plan_experiment(Path(args.results) / args.experiment, cfg, args.repeats, args.base_seed)
+    for line in slurm.submit([exp], None, opts, exp.path):
+        print(line)
+    return 0
+
+
+def cmd_grid_plan(args) -> int:
+    from .experiments import plan_grid, read_grid
+    from .tables import text_table
+
+    grid = read_grid(args.grid)
+    experiments = plan_grid(grid, args.results)
+    print(text_table(["experiment", "repeats", "seeds", *grid.axes],
+                     [[e.name, e.repeats, f"{e.seed(1)}-{e.seed(e.repeats)}", *e.values.values()] for e in experiments],
+                     title=f"grid {grid.name}: {len(experiments)} experiments in {Path(args.results) / grid.name}"))
+    return 0
+
+
+def _grid_experiments(path):
+    from .errors import RunDirError
+    from .experiments import find_experiments
+
+    experiments = find_experiments(path)
+    if not experiments:
+        raise RunDirError(f"{path}: no experiment directories (experiment.yaml) below it",
+                          "plan them first with `cloudmask grid plan GRID.yaml`")
+    return experiments
+
+
+def cmd_grid_submit(args) -> int:
+    from . import slurm
+
+    for line in slurm.submit(_grid_experiments(args.dir), None, _submit_options(args), Path(args.dir)):
+        print(line)
+    return 0
+
+
+def _grid_states(path):
+    from .experiments import task_states
+    from .slurm import queue_states
+
+    experiments = _grid_experiments(path)
+    jobs = sorted({str(s["array_job_id"]) for e in experiments for s in e.submissions()})
+    queue = queue_states(jobs)
+    return experiments, [st for e in experiments for st in task_states(e, queue)], queue is not None
+
+
+def cmd_grid_status(args) -> int:
+    from .tables import text_table
+
+    experiments, states, asked = _grid_states(args.dir)
+    print(text_table(["experiment", "task", "seed", "job", "state", "reason"],
+                     [[s.experiment, s.task, s.seed, s.job, s.state, s.reason] for s in states]))
+    counts = {k: sum(s.state == k for s in states) for k in ("done", "running", "pending", "interrupted", "failed",
+                                                             "missing")}
+    print(", ".join(f"{v} {k}" for k, v in counts.items() if v) + ("" if asked else
+                                                                    "  (squeue unavailable: queue not consulted)"))
+    return 0
+
+
+def cmd_grid_resubmit(args) -> int:
+    from . import slurm
+
+    experiments, states, _ = _grid_states(args.dir)
+    todo: dict[str, list[int]] = {}
+    for s in states:
+        if s.state in ("failed", "missing", "interrupted"):
+            todo.setdefault(s.experiment, []).append(s.task)
+    if not todo:
+        print("nothing to resubmit: every task is done, running or pending")
+        return 0
+    for line in slurm.submit(experiments, todo, _submit_options(args), Path(args.dir)):
+        print(line)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from . import report
+
+    rep = report.collect(args.dirs)
+    out = Path(args.out) if args.out else Path(args.dirs[0]) / "report"
+    files = report.write(rep, out)
+    if args.format == "md":
+        print(report.markdown(rep), end="")
+    elif args.format == "csv":
+        print(report.to_csv(rep.runs, report.RUN_COLUMNS), end="")
+    else:
+        print(report.as_json(rep), end="")
+    print(f"report: {len(rep.runs)} runs ({len(rep.problems)} not successful) -> "
+          f"{', '.join(str(f) for f in files)}", file=sys.stderr)
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------- parser
@@ -236,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "score the test files, and write a run directory.")
     _add_run_options(p, data_help="dataset root (sets data.root)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--stage-to", metavar="DIR", help="copy the dataset to DIR (node-local disk) before training; "
+                                                     "timed and logged as MLPerf staging")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("bench", help="end-to-end benchmark, on synthetic data unless --data is given",
@@ -261,6 +376,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="print the checker's output on success too")
     p.set_defaults(func=cmd_check_log)
 
+    # report -------------------------------------------------------------------------------------------
+    p = sub.add_parser("report", help="tables and statistics over run, experiment or results directories",
+                       description="Collect every run below DIR..., list failed and missing ones, and write "
+                                   "runs.csv, summary.csv, report.json and report.md into --out.")
+    p.add_argument("dirs", nargs="+", metavar="DIR")
+    p.add_argument("--out", metavar="DIR", help="output directory (default: first DIR/report)")
+    p.add_argument("--format", choices=["md", "csv", "json"], default="md", help="what to print (default md)")
+    p.set_defaults(func=cmd_report)
+
+    # slurm --------------------------------------------------------------------------------------------
+    p = sub.add_parser("submit", help="submit seeded repeats as a SLURM array plus the report job",
+                       description="Write RESULTS/EXPERIMENT (resolved config, experiment.yaml), submit "
+                                   "slurm/train.sh as an array (seed = base seed + task id) and slurm/aggregate.sh "
+                                   "after it (afterany), and print both job ids.")
+    _add_config_options(p)
+    p.add_argument("--experiment", default="default", help="experiment name (default: default)")
+    p.add_argument("--results", default="results", metavar="DIR", help="results directory (default: results)")
+    p.add_argument("--repeats", type=_positive_int, default=5, metavar="N", help="array tasks 1..N (default 5)")
+    p.add_argument("--base-seed", type=_non_negative_int, default=0, metavar="S", help="seed of task 0 (default 0)")
+    _add_submit_options(p)
+    p.set_defaults(func=cmd_submit)
+
+    p_grid = sub.add_parser("grid", help="hyper-parameter grids: plan, submit, status, resubmit",
+                            description="A grid YAML lists values per config key; every combination becomes an "
+                                        "experiment directory with its own seeded repeats.")
+    grid_sub = p_grid.add_subparsers(dest="grid_command", metavar="GRID_COMMAND", required=True)
+    p = grid_sub.add_parser("plan", help="write one experiment directory per combination",
+                            description="Validate every combination, then write RESULTS/<name>/<combination>/ "
+                                        "with the resolved config and a version stamp. Re-planning is a no-op.")
+    p.add_argument("grid", metavar="GRID.yaml")
+    p.add_argument("--results", default="results", metavar="DIR", help="results directory (default: results)")
+    p.set_defaults(func=cmd_grid_plan)
+    p = grid_sub.add_parser("submit", help="one array per experiment plus one report job after all of them")
+    p.add_argument("dir", metavar="GRID_DIR", help="the planned grid directory (RESULTS/<name>)")
+    _add_submit_options(p)
+    p.set_defaults(func=cmd_grid_submit)
+    p = grid_sub.add_parser("status", help="done / running / pending / failed / missing per task")
+    p.add_argument("dir", metavar="GRID_DIR")
+    p.set_defaults(func=cmd_grid_status)
+    p = grid_sub.add_parser("resubmit", help="submit again only the failed, interrupted or missing tasks")
+    p.add_argument("dir", metavar="GRID_DIR")
+    _add_submit_options(p)
+    p.set_defaults(func=cmd_grid_resubmit)
+
     # config -------------------------------------------------------------------------------------------
     p_cfg = sub.add_parser("config", help="show the resolved configuration", description="Configuration.")
     cfg_sub = p_cfg.add_subparsers(dest="config_command", metavar="CONFIG_COMMAND", required=True)
@@ -272,14 +431,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
+def _add_submit_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", metavar="DIR", help="dataset root for the tasks (DATA_DIR)")
+    p.add_argument("--container", choices=["apptainer", "singularity", "none"], default="apptainer",
+                   help="how the tasks run cloudmask (default apptainer; none: from PATH)")
+    p.add_argument("--image", metavar="SIF", help="the container image (default ./cloudmask.sif)")
+    p.add_argument("--stage", action="store_true", help="copy the dataset to node-local disk first")
+    p.add_argument("--extra-args", metavar="ARGS", help="more `cloudmask train` arguments for every task")
+    p.add_argument("--sbatch-arg", action="append", default=[], metavar="OPT",
+                   help="an sbatch option, e.g. --sbatch-arg=--partition=gpu (repeatable)")
+    p.add_argument("--scripts", metavar="DIR", help="where train.sh and aggregate.sh are (default: slurm/)")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch commands, submit nothing")
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -409,3 +409,57 @@ def download(dest: str | os.PathLike, naming: str = "auto", endpoint: str = ENDP
             Path(cmd[-1]).mkdir(parents=True, exist_ok=True)
             _run_aws(cmd)
     return cmds
+
+
+# ------------------------------------------------------------------------------------------------ staging
+
+
+@dataclass
+class Staging:
+    dest: Path
+    files: int
+    copied: int
+    bytes: int
+    seconds: float
+
+
+def stage(layout: Layout, dest: str | os.PathLike) -> tuple[Layout, Staging]:
+    """Copy the dataset's training and test files to ``dest`` (node-local disk) and return the staged layout.
+
+    Files already there with the same size and modification time are kept, so a requeued task on the same node
+    copies nothing. Each file is copied to a temporary name and renamed, so an interrupted copy is never used."""
+    import time
+
+    t0 = time.perf_counter()
+    dest = Path(dest).expanduser()
+    names = ("train", "test") if layout.naming == "explicit" else LAYOUTS[layout.naming]
+    staged = []
+    files = copied = size = 0
+    for src, name in zip((layout.train_dir, layout.test_dir), names):
+        if src is None or not src.is_dir():
+            staged.append(None)
+            continue
+        target_dir = dest / name
+        for f in find_files(src):
+            target = target_dir / f.relative_to(src)
+            st = f.stat()
+            files += 1
+            size += st.st_size
+            if target.is_file():
+                tt = target.stat()
+                if tt.st_size == st.st_size and tt.st_mtime_ns == st.st_mtime_ns:
+                    continue
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with fileio.atomic_path(target) as tmp:
+                    shutil.copy2(f, tmp)
+            except OSError as e:
+                raise DataError(f"{target}: cannot stage the dataset there ({e.strerror or e})",
+                                "free space on the node-local disk or stage elsewhere (--stage-to DIR)") from None
+            copied += 1
+        staged.append(target_dir)
+    if layout.naming != "explicit" and layout.train_dir is not None:
+        manifest = layout.train_dir.parent / MANIFEST_NAME
+        if manifest.is_file():
+            shutil.copy2(manifest, dest / MANIFEST_NAME)
+    return Layout(staged[0], staged[1], layout.naming), Staging(dest, files, copied, size, time.perf_counter() - t0)

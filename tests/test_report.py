@@ -1,0 +1,84 @@
+"""`cloudmask report` statistics and collection on hand-made run directories (real ones: test_slurm, test_bench)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+from cloudmask.config import load_config
+from cloudmask.report import describe
+from conftest import assert_clean_error, run_cli
+
+
+def test_describe_known_values():
+    s = describe([3.0, 1.0, 5.0, 2.0, 4.0])
+    assert s["n"] == 5 and s["mean"] == 3.0 and s["min"] == 1.0 and s["max"] == 5.0
+    assert s["std"] == pytest.approx(math.sqrt(2.5))
+    half = 2.776 * math.sqrt(2.5) / math.sqrt(5)  # Student t, 4 degrees of freedom
+    assert (s["ci95_low"], s["ci95_high"]) == (pytest.approx(3 - half), pytest.approx(3 + half))
+    assert s["olympic_mean"] == 3.0
+    assert describe([1.0, 2.0, 3.0, 10.0])["olympic_mean"] == 2.5
+    two = describe([1.0, 2.0])
+    assert two["olympic_mean"] is None and two["std"] == pytest.approx(math.sqrt(0.5))
+    assert describe([7.0])["std"] is None and describe([])["n"] == 0
+
+
+def _fake_run(path, seed, acc, epoch_s, status="success", energy=None):
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(load_config(overrides=[f"seed={seed}"]).to_yaml())
+    results = {"status": status, "error": None if status == "success" else "DataError: x.hdf unreadable",
+               "seed": seed, "epochs_run": 2, "devices": ["NVIDIA H100 80GB HBM3"], "division": "closed",
+               "train": {"accuracy": 0.9}, "test": {"avg_accuracy": acc},
+               "history": {"loss": [0.5, 0.4], "accuracy": [0.8, 0.9], "val_loss": [0.6, 0.5],
+                           "val_accuracy": [0.7, 0.8]},
+               "timing": {"time_per_epoch_s": epoch_s, "time_per_inference_s": 0.1, "epoch_s": [epoch_s] * 2},
+               "energy": {"gpu": energy or {"method": "none"}}}
+    (path / "results.json").write_text(json.dumps(results))
+    (path / "manifest.json").write_text(json.dumps({"host": {"hostname": "node7"}}))
+
+
+def test_report_groups_repeats_and_lists_broken_runs(tmp_path):
+    exp = tmp_path / "results" / "base"
+    _fake_run(exp / "1_1", 1, 0.90, 10.0, energy={"method": "counter", "total_j": 2000.0,
+                                                  "above_idle_j": 1500.0, "per_epoch_j": [900.0, 1000.0]})
+    _fake_run(exp / "1_2", 2, 0.92, 12.0, energy={"method": "counter", "total_j": 2200.0,
+                                                  "above_idle_j": 1600.0, "per_epoch_j": [1000.0, 1100.0]})
+    _fake_run(exp / "1_3", 3, 0.50, 1.0, status="failed")
+    (exp / "1_4").mkdir()
+    (exp / "1_4" / "config.yaml").write_text("seed: 4\n")  # started, then killed: no results.json
+    (exp / "1_5").mkdir()
+    (exp / "1_5" / "config.yaml").write_text("seed: 5\n")
+    (exp / "1_5" / "results.json").write_text("{truncated")
+
+    done = run_cli("report", str(tmp_path / "results"), "--format", "csv")
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "results" / "report"
+    rows = list(csv.DictReader(open(out / "runs.csv")))
+    by_run = {r["run"]: r for r in rows}
+    assert [r["status"] for r in rows] == ["success", "success", "failed", "failed", "failed"]
+    assert by_run["base/1_3"]["reason"] == "DataError: x.hdf unreadable"
+    assert "no results.json" in by_run["base/1_4"]["reason"]
+    assert "results.json unreadable" in by_run["base/1_5"]["reason"]
+    assert by_run["base/1_1"]["gpu_energy_per_epoch_j"] == "950"
+    assert done.stdout == (out / "runs.csv").read_text()
+
+    summary = {r["metric"]: r for r in csv.DictReader(open(out / "summary.csv"))}
+    acc = summary["test_accuracy"]
+    assert (acc["experiment"], acc["machine"], acc["gpu"], acc["n"]) == ("base", "node7", "NVIDIA H100 80GB HBM3", "2")
+    assert float(acc["mean"]) == pytest.approx(0.91) and float(acc["std"]) == pytest.approx(0.0141421, rel=1e-4)
+    assert float(summary["gpu_energy_j"]["mean"]) == pytest.approx(2100.0)
+
+    md = (out / "report.md").read_text()
+    problems = md.split("## Failed")[1]
+    for name in ("base/1_3", "base/1_4", "base/1_5"):
+        assert name in problems
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert run_cli("report", str(tmp_path / "results")).returncode == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first  # deterministic
+
+
+def test_report_of_a_missing_directory_is_a_clean_error(tmp_path):
+    assert_clean_error(run_cli("report", str(tmp_path / "nope")), "no such directory")

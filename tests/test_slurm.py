@@ -1,0 +1,202 @@
+"""slurm/*.sh and `cloudmask submit | grid` on a real single-node SLURM cluster started by this module.
+
+The cluster (scripts/local_slurm.sh: slurmctld + slurmd, auth/none) needs Debian's slurm-wlm and root; CI installs
+it and sets CLOUDMASK_CI=1 so that a missing cluster fails instead of skipping. The daemons are
+stopped by PID when the module ends.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_SH, AGGREGATE_SH = REPO / "slurm" / "train.sh", REPO / "slurm" / "aggregate.sh"
+# the tasks share 2 CPUs; --gres=none/--mem override the GPU-node defaults in train.sh's #SBATCH lines
+SMALL_NODE = ["--gres=none", "--cpus-per-task=1", "--mem=2G"]
+TINY_ARGS = " ".join(f"--set {kv}" for kv in TINY)
+
+
+def _slurm_missing() -> str | None:
+    if not (shutil.which("slurmctld") or Path("/usr/sbin/slurmctld").exists()):
+        return "slurm-wlm is not installed (apt-get install slurm-wlm)"
+    if os.geteuid() != 0:
+        return "the local SLURM cluster must be started as root"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = _slurm_missing()
+    if reason:
+        if os.environ.get("CLOUDMASK_CI") == "1":
+            pytest.fail(f"CLOUDMASK_CI=1 but {reason}")
+        pytest.skip(reason)
+    state = tmp_path_factory.mktemp("slurm")
+    script = REPO / "scripts" / "local_slurm.sh"
+    started = subprocess.run([str(script), "start", str(state)], capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stdout + started.stderr
+    env = {**os.environ, "SLURM_CONF": str(state / "slurm.conf"), "TF_CPP_MIN_LOG_LEVEL": "2",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}:/usr/sbin",
+           "CONTAINER": "none"}
+    try:
+        yield env
+    finally:
+        subprocess.run([str(script), "stop", str(state)], capture_output=True, timeout=60)
+        for pid_file in ("slurmctld.pid", "slurmd.pid"):
+            assert not (state / pid_file).exists(), f"{pid_file} left behind"
+
+
+def sh(env: dict, *cmd: str, cwd=None) -> str:
+    done = subprocess.run(list(cmd), env=env, capture_output=True, text=True, timeout=120, cwd=cwd)
+    assert done.returncode == 0, f"{cmd}: {done.stdout}{done.stderr}"
+    return done.stdout.strip()
+
+
+def job_records(env: dict, job: str) -> list[dict]:
+    """One dict per array task (scontrol -o), while the controller remembers the job (MinJobAge=3600)."""
+    out = sh(env, "scontrol", "-o", "show", "job", job)
+    return [dict(kv.split("=", 1) for kv in line.split() if "=" in kv) for line in out.splitlines()]
+
+
+def wait_until_done(env: dict, *jobs: str, timeout: float = 420, on_pending=None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        queued = sh(env, "squeue", "-h", "-r", "-o", "%i %T %r", "-j", ",".join(jobs))
+        if not queued:
+            return
+        if on_pending:
+            on_pending(queued)
+        time.sleep(1)
+    raise AssertionError(f"jobs {jobs} still queued after {timeout} s:\n{queued}")
+
+
+def results_of(run: Path) -> dict:
+    return json.loads((run / "results.json").read_text())
+
+
+def test_an_array_of_two_then_the_aggregation(cluster, dataset, tmp_path):
+    env = {**cluster, "DATA_DIR": str(dataset), "RESULTS_DIR": str(tmp_path / "results"), "EXPERIMENT": "pair",
+           "EXTRA_ARGS": TINY_ARGS}
+    (tmp_path / "logs").mkdir()
+    array = sh(env, "sbatch", "--parsable", "--array=1-2", *SMALL_NODE, str(TRAIN_SH), cwd=tmp_path)
+    exp = tmp_path / "results" / "pair"
+    agg = sh(env, "sbatch", "--parsable", f"--dependency=afterany:{array}", str(AGGREGATE_SH), str(exp),
+             cwd=tmp_path)
+    wait_until_done(env, array, agg)
+
+    runs = {t: exp / f"{array}_{t}" for t in (1, 2)}
+    for task, run in runs.items():
+        log = (tmp_path / "logs" / f"{array}_{task}.out").read_text()  # #SBATCH --output=logs/%A_%a.out
+        assert f"seed {task} = BASE_SEED 0 + task {task}" in log
+        r = results_of(run)
+        assert r["status"] == "success", log
+        assert r["seed"] == task
+        manifest = json.loads((run / "manifest.json").read_text())
+        assert manifest["slurm"]["SLURM_ARRAY_TASK_ID"] == str(task)
+        assert run_cli("check-log", str(run)).returncode == 0
+    assert runs[1] != runs[2]
+
+    tasks = job_records(env, array)
+    report_job = job_records(env, agg)[0]
+    assert all(t["JobState"] == "COMPLETED" for t in tasks)
+    assert report_job["JobState"] == "COMPLETED"
+    assert report_job["StartTime"] >= max(t["EndTime"] for t in tasks)  # ISO times compare as strings
+    with open(exp / "report" / "runs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r["run"], r["seed"], r["status"]) for r in rows) == [
+        (f"{array}_1", "1", "success"), (f"{array}_2", "2", "success")]
+    summary = (exp / "report" / "report.md").read_text()
+    assert "| pair | " in summary and "test accuracy | 2 |" in summary
+
+
+def test_usr1_checkpoints_requeues_and_resumes_the_same_run(cluster, dataset, tmp_path):
+    epochs = 6
+    env = {**cluster, "DATA_DIR": str(dataset), "RESULTS_DIR": str(tmp_path / "results"), "EXPERIMENT": "pre",
+           "EXTRA_ARGS": f"{TINY_ARGS} --set train.epochs={epochs}"}
+    log_file = tmp_path / "task.out"
+    job = sh(env, "sbatch", "--parsable", "--array=1", *SMALL_NODE, f"--output={log_file}", str(TRAIN_SH))
+    run = tmp_path / "results" / "pre" / f"{job}_1"
+
+    deadline = time.time() + 300
+    while time.time() < deadline:  # signal once the first epoch is committed
+        try:
+            if json.loads((run / "state.json").read_text()).get("epochs_done", 0) >= 1:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    else:
+        raise AssertionError(log_file.read_text() if log_file.exists() else "task never started")
+    # what --signal=B:USR1@300 does before the time limit: USR1 to the batch shell only
+    sh(env, "scancel", "--signal=USR1", "--batch", f"{job}_1")
+
+    def release(queued: str):
+        # SLURM holds a requeued batch job for 120 s (its begin time); release it at once to keep the test short
+        if "BeginTime" in queued:
+            sh(env, "scontrol", "update", f"jobid={job}_1", "StartTime=now")
+
+    wait_until_done(env, job, on_pending=release)
+    log = log_file.read_text()
+    assert "received USR1" in log and f"requeued job {job}" in log, log
+    assert "(restart 1): resuming" in log, log
+    record = job_records(env, job)[0]
+    assert record["Restarts"] == "1" and record["JobState"] == "COMPLETED", record
+
+    r = results_of(run)
+    assert r["status"] == "success" and r["attempts"] == 2 and r["epochs_run"] == epochs
+    resumed_after = int(re.search(r"resuming after epoch (\d+)", (run / "console.log").read_text())[1])
+    assert 1 <= resumed_after < epochs
+    with open(run / "history.csv") as f:  # every epoch once: resumed, not restarted
+        assert [int(row["epoch"]) for row in csv.DictReader(f)] == list(range(1, epochs + 1))
+    assert run_cli("check-log", str(run)).returncode == 0
+
+
+def test_a_grid_with_a_failing_experiment(cluster, dataset, tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        "name: g\n"
+        "set: {model.filters: 4, model.depth: 2, train.batch_size: 8, train.epochs: 1, infer.max_files: 1}\n"
+        "grid:\n  data.train_dir: [null, /nonexistent/training]\n"
+        "repeats: 1\nbase_seed: 100\n")
+    results = tmp_path / "results"
+    plan = run_cli("grid", "plan", str(grid), "--results", str(results), env=cluster)
+    assert plan.returncode == 0, plan.stderr
+    good, bad = results / "g" / "train_dir=null", results / "g" / "train_dir=-nonexistent-training"
+    assert (good / "config.yaml").is_file() and (bad / "experiment.yaml").is_file()
+
+    done = run_cli("grid", "submit", str(results / "g"), "--container", "none", "--data", str(dataset),
+                   *(f"--sbatch-arg={a}" for a in SMALL_NODE), env=cluster)
+    assert done.returncode == 0, done.stderr
+    jobs = re.findall(r"array job (\d+)", done.stdout) + re.findall(r"aggregation: job (\d+)", done.stdout)
+    assert len(jobs) == 3, done.stdout
+    wait_until_done(cluster, *jobs)
+
+    status = run_cli("grid", "status", str(results / "g"), env=cluster)
+    assert status.returncode == 0
+    lines = {ln.split()[0]: ln for ln in status.stdout.splitlines() if ln.startswith("train_dir=")}
+    assert " done " in lines["train_dir=null"]
+    assert " failed " in lines["train_dir=-nonexistent-training"] and "data.train_dir" in status.stdout
+
+    report = (results / "g" / "report" / "report.md").read_text()  # written by the aggregation job
+    problems = report.split("## Failed")[1]
+    assert "train_dir=-nonexistent-training" in problems and "data.train_dir" in problems
+    good_job = re.search(r"train_dir=null: array job (\d+)", done.stdout)[1]
+    assert results_of(good / f"{good_job}_1")["seed"] == 101
+
+    again = run_cli("grid", "resubmit", str(results / "g"), "--container", "none", "--dry-run", env=cluster)
+    assert again.returncode == 0, again.stderr
+    sbatch_lines = [ln for ln in again.stdout.splitlines() if "train.sh" in ln]
+    assert len(sbatch_lines) == 1 and "EXPERIMENT=train_dir=-nonexistent-training" in sbatch_lines[0]
+    assert "--array=1 " in sbatch_lines[0]
