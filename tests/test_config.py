@@ -116,3 +116,16 @@ def test_config_round_trips_through_yaml():
     cfg = load_config(overrides=["train.epochs=3"])
     again = config_lib.config_from_dict(yaml.safe_load(cfg.to_yaml()), "x")
     assert again.to_dict() == cfg.to_dict() and again.sha256() == cfg.sha256()
+
+
+def test_compute_options_and_learning_rate_scaling():
+    from cloudmask.config import load_config
+
+    cfg = load_config(overrides=["train.batch_size=128", "train.lr_scaling=linear"])
+    assert cfg.effective_learning_rate == pytest.approx(0.004)
+    assert load_config(overrides=["train.batch_size=128", "train.lr_scaling=sqrt"]).effective_learning_rate == \
+        pytest.approx(0.002)
+    assert load_config().effective_learning_rate == 0.001
+    dev = load_config(overrides=["train.precision=mixed_bfloat16", "train.lr_scaling=sqrt"]).deviations()
+    assert set(dev) == {"train.precision", "train.lr_scaling"}
+    assert not load_config(overrides=["train.jit_compile=true"]).deviations()  # XLA is not a deviation

@@ -82,3 +82,62 @@ def test_report_groups_repeats_and_lists_broken_runs(tmp_path):
 
 def test_report_of_a_missing_directory_is_a_clean_error(tmp_path):
     assert_clean_error(run_cli("report", str(tmp_path / "nope")), "no such directory")
+
+
+def _is_png(path, min_bytes=5_000):
+    import matplotlib.image
+
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > min_bytes, path
+    height, width = matplotlib.image.imread(path).shape[:2]  # decodes the whole image
+    assert height > 200 and width > 200
+    return True
+
+
+def test_report_over_real_bench_runs_and_a_broken_one(dataset, tmp_path):
+    pytest.importorskip("matplotlib")
+    from conftest import TINY
+
+    results = tmp_path / "results"
+    for seed in (1, 2):
+        done = run_cli("bench", "--data", str(dataset), "--out", str(results / "tiny" / f"seed{seed}"),
+                       *(a for kv in [*TINY, f"seed={seed}", "infer.max_files=1"] for a in ("--set", kv)))
+        assert done.returncode == 0, done.stderr
+    broken = results / "tiny" / "seed3"
+    broken.mkdir()
+    (broken / "config.yaml").write_text("seed: 3\n")
+    (broken / "results.json").write_text('{"status": "failed", "error": "DataError: S3A_x.hdf: truncated"}')
+
+    done = run_cli("report", str(results))
+    assert done.returncode == 0, done.stderr
+    out = results / "report"
+    for name in ("runs.csv", "summary.csv", "report.json", "report.md", "report.html"):
+        assert (out / name).stat().st_size > 200, name
+    rows = {r["run"]: r for r in csv.DictReader(open(out / "runs.csv"))}
+    assert {rows["tiny/seed1"]["seed"], rows["tiny/seed2"]["seed"]} == {"1", "2"}
+    assert rows["tiny/seed3"]["status"] == "failed" and "truncated" in rows["tiny/seed3"]["reason"]
+    acc = next(r for r in csv.DictReader(open(out / "summary.csv")) if r["metric"] == "test_accuracy")
+    values = [float(rows[f"tiny/seed{s}"]["test_accuracy"]) for s in (1, 2)]
+    assert acc["n"] == "2" and float(acc["mean"]) == pytest.approx(sum(values) / 2, abs=1e-5)
+    assert float(acc["std"]) == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2), abs=1e-5)
+    md = (out / "report.md").read_text()
+    assert "tiny/seed3" in md.split("## Failed")[1] and "truncated" in md
+    assert md == done.stdout
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["curves-tiny.png", "time_per_epoch.png"]
+    assert all(_is_png(out / p) for p in pngs)
+    for p in pngs:
+        assert f"]({p})" in md and p.split(".")[0] in (out / "report.html").read_text()
+
+
+def test_energy_and_power_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "r" / "gpu" / "1_1"
+    _fake_run(run, 1, 0.9, 3.0, energy={"method": "counter", "total_j": 900.0, "above_idle_j": 400.0,
+                                        "per_epoch_j": [450.0, 450.0]})
+    lines = ["time,gpu,power_w,utilization_pct,memory_used_mib,temperature_c,sm_clock_mhz"]
+    lines += [f"{1000 + i * 0.1:.1f},0,{60 + 200 * (i > 20)},{95},{1000},{50},{1980}" for i in range(100)]
+    (run / "power.csv").write_text("\n".join(lines) + "\n")
+    assert run_cli("report", str(tmp_path / "r")).returncode == 0
+    out = tmp_path / "r" / "report"
+    assert _is_png(out / "energy_per_epoch.png") and _is_png(out / "power_trace.png")

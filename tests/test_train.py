@@ -273,3 +273,13 @@ def test_stage_to_an_unwritable_place_is_a_clean_error(dataset, tmp_path):
     done = run_cli("train", "--data", str(dataset), "--out", str(tmp_path / "run"), "--stage-to",
                    str(blocker / "x"), *(a for kv in TINY for a in ("--set", kv)))
     assert_clean_error(done, "cannot stage the dataset")
+
+
+def test_mixed_precision_trains_and_is_a_deviation(dataset, tmp_path):
+    results = _train(dataset, tmp_path / "bf16", "train.precision=mixed_bfloat16", "train.epochs=1",
+                     "infer.max_files=1")
+    assert results["status"] == "success" and results["deviations"]["train.precision"]["value"] == "mixed_bfloat16"
+    assert np.isfinite(results["history"]["loss"]).all() and 0 <= results["test"]["avg_accuracy"] <= 1
+    import keras
+
+    keras.mixed_precision.set_global_policy("float32")  # later tests in this process build fp32 models

@@ -73,6 +73,9 @@ def run(cfg: Config | None, out: str | os.PathLike | None = None, resume: bool =
     there first (node-local disk); it is not part of the config because it differs per node, not per result."""
     runtime.quiet_tensorflow()
     setup_console()
+    from .doctor import preflight
+
+    preflight(str(Path(out).parent) if out else (cfg.output.root if cfg else "."))
     if resume:
         if out is None:
             raise RunDirError("--resume needs the run directory", "pass --out DIR of the run to continue")
@@ -82,7 +85,12 @@ def run(cfg: Config | None, out: str | os.PathLike | None = None, resume: bool =
     else:
         assert cfg is not None
         # fail on data problems before a run directory is created
-        data.resolve_layout(cfg.data.root, cfg.data.train_dir, cfg.data.test_dir, need_test=cfg.infer.enabled)
+        if cfg.data.store:
+            from .store import open_store
+
+            open_store(cfg.data.store, cfg)
+        else:
+            data.resolve_layout(cfg.data.root, cfg.data.train_dir, cfg.data.test_dir, need_test=cfg.infer.enabled)
         run_dir = RunDir.create(out, cfg)
         state = {}
     handler = attach_console_log(run_dir)
@@ -128,29 +136,14 @@ def _run(cfg: Config, run_dir: RunDir, state: dict, mlog: MLPerfLog, tel: RunTel
         for note in cfg.notes:
             log.info("note: %s", note)
         runtime.seed_everything(cfg.seed, cfg.train.deterministic)
+        runtime.set_precision(cfg.train.precision)
         gpus = runtime.accelerators()
-        layout = data.resolve_layout(cfg.data.root, cfg.data.train_dir, cfg.data.test_dir,
-                                     need_test=cfg.infer.enabled)
-        staged = None
-        if stage_to:
-            with timers.phase("stage data"):
-                mlog.start(C.STAGING_START)
-                layout, staged = data.stage(layout, stage_to)
-                mlog.end(C.STAGING_STOP, files=staged.files, copied=staged.copied, bytes=staged.bytes)
-            log.info("staged %d files (%d copied, %.1f MB) to %s in %.1f s", staged.files, staged.copied,
-                     staged.bytes / 1e6, staged.dest, staged.seconds)
-            state.setdefault("staging", []).append({"attempt": state["attempts"], "dest": str(staged.dest),
-                                                    "files": staged.files, "copied": staged.copied,
-                                                    "bytes": staged.bytes, "seconds": staged.seconds})
-        td = train.prepare_data(cfg, layout.train_dir, start_epoch=state.get("epochs_done", 0))
-        root = layout.train_dir.parent if layout.naming != "explicit" else None
-        tel.write_manifest(root, data.manifest_digest(root) if root else None,
-                           {"train_dir": str(layout.train_dir), "test_dir": str(layout.test_dir),
-                            "train_files": len(td.train_files), "val_files": len(td.val_files)})
+        td, test_source, naming, (root, digest, files) = _training_data(cfg, state, timers, mlog, stage_to)
+        tel.write_manifest(root, digest, files)
         log.info("cloudmask %s  run %s  backend %s  devices: %s", __version__, run_dir.path, runtime.backend(),
                  ", ".join(gpus) or "CPU")
         log.info("data: %d training files (%d patches), %d validation files (%d patches), layout %s",
-                 len(td.train_files), td.train_patches, len(td.val_files), td.val_patches, layout.naming)
+                 len(td.train_files), td.train_patches, len(td.val_files), td.val_patches, naming)
         for source in meter.sources:
             log.info("%s energy: %s", source.kind.upper(),
                      source.method if source.method != "none" else f"none ({source.reason})")
@@ -160,8 +153,8 @@ def _run(cfg: Config, run_dir: RunDir, state: dict, mlog: MLPerfLog, tel: RunTel
             model = train.load_checkpoint(run_dir / state["latest"])
             log.info("resuming after epoch %d from %s", state["epochs_done"], state["latest"])
         elif phase == "training":
-            model = model_lib.compile_model(model_lib.build_from_config(cfg), cfg.train.learning_rate,
-                                            cfg.accumulation_steps)
+            model = model_lib.compile_model(model_lib.build_from_config(cfg), cfg.effective_learning_rate,
+                                            cfg.accumulation_steps, cfg.train.jit_compile)
         else:
             model = train.load_checkpoint(run_dir / MODEL)
 
@@ -196,13 +189,13 @@ def _run(cfg: Config, run_dir: RunDir, state: dict, mlog: MLPerfLog, tel: RunTel
 
     test = None
     if cfg.infer.enabled:
-        test_files = data.find_files(layout.test_dir)
+        test_root, test_files, load = test_source
         if cfg.infer.max_files:
             test_files = test_files[: cfg.infer.max_files]
         epoch_num = state.get("epochs_done", 0)
         mlog.start(C.EVAL_START, "inference", epoch_num=epoch_num)
         with timers.phase("inference"), meter.window("inference"):
-            test = evaluate.evaluate(model, test_files, cfg, layout.test_dir, run_dir / "masks")
+            test = evaluate.evaluate(model, test_files, cfg, test_root, run_dir / "masks", load=load)
         mlog.end(C.EVAL_STOP, "inference", epoch_num=epoch_num)
         log.info("test: avg_accuracy %.4f over %d files (majority-class baseline %.4f), %.2f s per image",
                  test["avg_accuracy"], test["files"], test["majority_baseline"], test["time_per_inference_s"])
@@ -216,6 +209,52 @@ def _run(cfg: Config, run_dir: RunDir, state: dict, mlog: MLPerfLog, tel: RunTel
     run_dir.write_state(state)
     _log_reference_lines(cfg, results, td, gpus)
     return results
+
+
+def _training_data(cfg: Config, state: dict, timers, mlog: MLPerfLog, stage_to):
+    """(TrainData, (test root, test files, loader or None), layout name, (dataset root, manifest digest, file
+    facts) for the manifest), from the raw files or a patch store, staged to ``stage_to`` first when given."""
+    from . import train
+
+    start = state.get("epochs_done", 0)
+    if cfg.data.store:
+        from . import store as store_lib
+
+        path = Path(cfg.data.store).expanduser()
+        if stage_to:
+            with timers.phase("stage data"):
+                mlog.start(C.STAGING_START)
+                path, staged = store_lib.stage(store_lib.open_store(path, cfg).path, stage_to)
+                mlog.end(C.STAGING_STOP, files=staged.files, copied=staged.copied, bytes=staged.bytes)
+            _record_staging(state, staged)
+        st = store_lib.open_store(path, cfg)
+        td = train.prepare_store_data(cfg, st, start_epoch=start)
+        facts = {"store": str(st.path), "source": st.meta["source"]["root"], "train_files": len(td.train_files),
+                 "val_files": len(td.val_files)}
+        return td, store_lib.test_loader(st), "patch store", (st.path, st.meta["source"].get("manifest_sha256"),
+                                                               facts)
+    layout = data.resolve_layout(cfg.data.root, cfg.data.train_dir, cfg.data.test_dir, need_test=cfg.infer.enabled)
+    if stage_to:
+        with timers.phase("stage data"):
+            mlog.start(C.STAGING_START)
+            layout, staged = data.stage(layout, stage_to)
+            mlog.end(C.STAGING_STOP, files=staged.files, copied=staged.copied, bytes=staged.bytes)
+        _record_staging(state, staged)
+    td = train.prepare_data(cfg, layout.train_dir, start_epoch=start)
+    root = layout.train_dir.parent if layout.naming != "explicit" else None
+    facts = {"train_dir": str(layout.train_dir), "test_dir": str(layout.test_dir),
+             "train_files": len(td.train_files), "val_files": len(td.val_files)}
+    test_files = data.find_files(layout.test_dir) if cfg.infer.enabled else []
+    return td, (layout.test_dir, test_files, None), layout.naming, (root, data.manifest_digest(root) if root else None,
+                                                                    facts)
+
+
+def _record_staging(state: dict, staged) -> None:
+    log.info("staged %d files (%d copied, %.1f MB) to %s in %.1f s", staged.files, staged.copied,
+             staged.bytes / 1e6, staged.dest, staged.seconds)
+    state.setdefault("staging", []).append({"attempt": state["attempts"], "dest": str(staged.dest),
+                                            "files": staged.files, "copied": staged.copied,
+                                            "bytes": staged.bytes, "seconds": staged.seconds})
 
 
 def _log_reference_lines(cfg, results, td, gpus) -> None:
@@ -245,7 +284,7 @@ def build_results(cfg: Config, state: dict, history: list[dict], test: dict | No
         "config_sha256": cfg.sha256(),
         "division": division(cfg),
         "deviations": cfg.deviations(),
-        "input_pipeline": "streaming-hdf5",
+        "input_pipeline": "patch-store" if cfg.data.store else "streaming-hdf5",
         "micro_batch_size": cfg.train.micro_batch_size or cfg.train.batch_size,
         "backend": runtime.backend(),
         "devices": gpus or ["CPU"],
@@ -292,7 +331,7 @@ def reference_result(cfg: Config, results: dict, td, gpus: list[str]) -> dict:
             "history": results["history"],
             "batch_size": cfg.train.batch_size,
             "crop_size": cfg.image.overlap,
-            "learning_rate": cfg.train.learning_rate,
+            "learning_rate": cfg.effective_learning_rate,
         },
     }
     if results["test"]:
@@ -352,6 +391,18 @@ def synthetic_dataset(cfg: Config) -> Path:
     return target
 
 
+def dataset_if_present(root: str) -> str | None:
+    """``root`` if it holds a dataset; otherwise None, after saying why synthetic data is used instead."""
+    setup_console()
+    try:
+        data.resolve_layout(root)
+        return root
+    except CloudmaskError as e:
+        log.warning("NOTICE: no dataset in %s (%s); running on SYNTHETIC data instead. Accuracy and timings "
+                    "on synthetic data are not comparable with the benchmark's published numbers.", root, e)
+        return None
+
+
 def bench(cfg: Config, data_root: str | None = None, out: str | None = None) -> dict:
     """Train + infer on ``data_root`` or on a cached synthetic dataset, then print a summary table."""
     setup_console()
@@ -362,6 +413,29 @@ def bench(cfg: Config, data_root: str | None = None, out: str | None = None) -> 
     results = run(cfg, out)
     log.info("\n%s", summary_table(results))
     return results
+
+
+def throughput(cfg: Config, data_root: str | None, warmup: int, steps: int, as_json: bool) -> dict:
+    """``bench --mode throughput``: no run directory, a table or JSON on stdout."""
+    import json
+
+    from . import throughput as tp
+    from .telemetry import Timers
+
+    runtime.quiet_tensorflow()
+    setup_console()
+    if data_root is None and not (cfg.data.root or cfg.data.train_dir or cfg.data.store):
+        data_root = str(synthetic_dataset(cfg))
+    if data_root is not None:
+        cfg = cfg.with_values({"data.root": str(data_root)}, "--data")
+    mlog = MLPerfLog(Path(os.devnull))  # no run, no MLPerf log
+    try:
+        td, test_source, _, _ = _training_data(cfg, {"attempts": 1}, Timers(), mlog, None)
+    finally:
+        mlog.close()
+    result = tp.measure(cfg, td, test_source, warmup=warmup, steps=steps)
+    print(json.dumps(result, indent=2) if as_json else tp.table(result))
+    return result
 
 
 def summary_table(results: dict) -> str:

@@ -100,6 +100,18 @@ def cmd_data_verify(args) -> int:
     return 0
 
 
+def cmd_data_prepare(args) -> int:
+    from . import store
+    from .config import load_config
+
+    cfg = load_config(args.config, args.set)
+    meta = store.prepare(args.raw, args.store, cfg, jobs=args.jobs, progress=_progress("converted"))
+    counts = meta["counts"]
+    print(f"store {args.store}: {counts['train_x']} training + {counts['val_x']} validation patches, "
+          f"{counts['test_x']} test images, {meta['normalisation']} normalisation, float16, in {meta['prepare_s']:.1f} s")
+    return 0
+
+
 def cmd_data_download(args) -> int:
     from . import data
 
@@ -117,6 +129,8 @@ def _command_line_values(args) -> dict:
         values["data.root"] = args.data
     if getattr(args, "skip_bad", False):
         values["data.skip_bad"] = True
+    if getattr(args, "store", None):
+        values["data.store"] = args.store
     return values
 
 
@@ -142,7 +156,15 @@ def cmd_bench(args) -> int:
     cfg = load_config(args.config, args.set, base=read_preset("bench"))
     if args.skip_bad:
         cfg = cfg.with_values({"data.skip_bad": True}, "command line")
-    benchmark.bench(cfg, args.data, args.out)
+    if args.store:
+        cfg = cfg.with_values({"data.store": args.store}, "--store")
+    data_root = args.data
+    if args.prefer_data and not data_root:
+        data_root = benchmark.dataset_if_present(args.prefer_data)
+    if args.mode == "throughput":
+        benchmark.throughput(cfg, data_root, args.warmup, args.steps, args.json)
+    else:
+        benchmark.bench(cfg, data_root, args.out)
     return 0
 
 
@@ -257,6 +279,19 @@ def cmd_grid_resubmit(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    from . import doctor
+    from .config import load_config
+
+    results = args.results or load_config().output.root
+    checks = doctor.run_checks(args.data, results, full=args.full)
+    print(doctor.table(checks))
+    failed = [c for c in checks if c.status == "fail"]
+    if failed:
+        print(f"{len(failed)} check(s) failed: {', '.join(c.name for c in failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cmd_report(args) -> int:
     from . import report
 
@@ -264,7 +299,7 @@ def cmd_report(args) -> int:
     out = Path(args.out) if args.out else Path(args.dirs[0]) / "report"
     files = report.write(rep, out)
     if args.format == "md":
-        print(report.markdown(rep), end="")
+        print((out / "report.md").read_text(), end="")
     elif args.format == "csv":
         print(report.to_csv(rep.runs, report.RUN_COLUMNS), end="")
     else:
@@ -330,6 +365,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(p)
     p.set_defaults(func=cmd_data_verify)
 
+    p = data_sub.add_parser("prepare", help="convert the dataset once into a fast patch store",
+                            description="Read RAW once and write STORE: normalised float16 training/validation "
+                                        "patches (the reference's split), uint8 masks and the test images, as "
+                                        "memory-mappable arrays. Train with `cloudmask train --store STORE`.")
+    p.add_argument("raw", metavar="RAW", help="dataset root (training/+inference/ or one-day/+ssts/)")
+    p.add_argument("store", metavar="STORE", help="new store directory")
+    p.add_argument("--jobs", type=_positive_int, default=2, metavar="N", help="parallel converters (default 2)")
+    _add_config_options(p)
+    p.set_defaults(func=cmd_data_prepare)
+
     p = data_sub.add_parser("download", help="fetch the real ~180 GB dataset with aws s3 sync",
                             description="Fetch cloud_slstr_ds1 anonymously from the STFC object store with "
                                         "`aws s3 sync` (needs `pip install awscli`). Re-running resumes.")
@@ -349,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "score the test files, and write a run directory.")
     _add_run_options(p, data_help="dataset root (sets data.root)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--store", metavar="DIR", help="train and test from a patch store (sets data.store)")
     p.add_argument("--stage-to", metavar="DIR", help="copy the dataset to DIR (node-local disk) before training; "
                                                      "timed and logged as MLPerf staging")
     p.set_defaults(func=cmd_train)
@@ -357,6 +403,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train + infer with the 'bench' preset (a short run) and print a summary. "
                                    "Without --data a small synthetic dataset is made once and cached.")
     _add_run_options(p, data_help="dataset root (default: cached synthetic data)")
+    p.add_argument("--prefer-data", metavar="DIR", help="use the dataset in DIR if it holds one, else synthetic data "
+                                                        "with a notice (containers: /data)")
+    p.add_argument("--store", metavar="DIR", help="read a patch store (sets data.store)")
+    p.add_argument("--mode", choices=["run", "throughput"], default="run",
+                   help="run: a short benchmark run (default); throughput: steady-state patches/s, no run directory")
+    p.add_argument("--warmup", type=_positive_int, default=3, metavar="N", help="throughput: warm-up steps (3)")
+    p.add_argument("--steps", type=_positive_int, default=20, metavar="N", help="throughput: timed steps (20)")
+    p.add_argument("--json", action="store_true", help="throughput: print JSON instead of a table")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("infer", help="score a trained run's model on the test set",
@@ -375,6 +429,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="RUN_OR_LOG", help="a run directory or an mlperf.log file")
     p.add_argument("-v", "--verbose", action="store_true", help="print the checker's output on success too")
     p.set_defaults(func=cmd_check_log)
+
+    # doctor -------------------------------------------------------------------------------------------
+    p = sub.add_parser("doctor", help="check GPUs, drivers, /dev/shm, disk, dataset, container and SLURM context",
+                       description="Print a table of readiness checks; exit 1 if any check fails.")
+    p.add_argument("--data", metavar="DIR", help="dataset root to check")
+    p.add_argument("--results", metavar="DIR", help="where results will go (default: output.root)")
+    p.add_argument("--full", action="store_true", help="verify every dataset file (slow on the real 180 GB)")
+    p.set_defaults(func=cmd_doctor)
 
     # report -------------------------------------------------------------------------------------------
     p = sub.add_parser("report", help="tables and statistics over run, experiment or results directories",

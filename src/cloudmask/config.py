@@ -117,6 +117,8 @@ RULES: dict[str, Rule] = {
     "data.min_finite_fraction": _float(0.0, 1.0),
     "data.skip_bad": _bool(),
     "data.read_threads": _int(1, 64),
+    "data.store": _text(optional=True),
+    "data.resident": _bool(),
     "image.height": _int(16),
     "image.width": _int(16),
     "image.patch_size": _int(8),
@@ -129,6 +131,10 @@ RULES: dict[str, Rule] = {
     "train.learning_rate": _float(0.0, 10.0, open_lo=True),
     "train.shuffle_buffer_files": _int(1, 10_000),
     "train.deterministic": _bool(),
+    "train.shuffle": _choice("window", "global"),
+    "train.precision": _choice("fp32", "mixed_bfloat16", "mixed_float16"),
+    "train.jit_compile": _choice("auto", True, False),
+    "train.lr_scaling": _choice("none", "linear", "sqrt"),
     "train.early_stopping.enabled": _bool(),
     "train.early_stopping.patience": _int(0),
     "train.early_stopping.min_delta": _float(0.0),
@@ -171,6 +177,9 @@ REFERENCE_VALUES: dict[str, Any] = {
     "train.batch_size": 32,
     "train.learning_rate": 0.001,
     "train.early_stopping.restore_best_weights": False,
+    "train.shuffle": "window",
+    "train.precision": "fp32",
+    "train.lr_scaling": "none",
     "infer.threshold": 0.5,
 }
 
@@ -446,6 +455,11 @@ class Config:
         if micro is not None and (micro > self.train.batch_size or self.train.batch_size % micro):
             raise ConfigError(f"{where}train.micro_batch_size={micro} must divide train.batch_size="
                               f"{self.train.batch_size}", "e.g. 8 or 16 for a batch of 32")
+        if self.train.shuffle == "global" and not self.data.store:
+            raise ConfigError(f"{where}train.shuffle=global needs a patch store (data.store)",
+                              "prepare one with `cloudmask data prepare RAW STORE`, or use train.shuffle=window")
+        if self.data.resident and not self.data.store:
+            raise ConfigError(f"{where}data.resident=true needs a patch store (data.store)")
         if img.patch_size % (2 ** self.model.depth):
             raise ConfigError(f"{where}image.patch_size={img.patch_size} must be divisible by 2**model.depth "
                               f"= {2 ** self.model.depth}")
@@ -456,6 +470,16 @@ class Config:
         micro = self.train.micro_batch_size
         return self.train.batch_size // micro if micro else 1
 
+    @property
+    def effective_learning_rate(self) -> float:
+        """``train.learning_rate`` scaled for the batch size (lr_scaling), relative to the reference batch 32."""
+        ratio = self.train.batch_size / 32
+        factor = {"none": 1.0, "linear": ratio, "sqrt": ratio ** 0.5}[self.train.lr_scaling]
+        return self.train.learning_rate * factor
+
     def deviations(self) -> dict[str, dict]:
         """Keys whose value differs from the reference run: {key: {"value": ..., "reference": ...}}."""
-        return {k: {"value": self[k], "reference": ref} for k, ref in REFERENCE_VALUES.items() if self[k] != ref}
+        out = {k: {"value": self[k], "reference": ref} for k, ref in REFERENCE_VALUES.items() if self[k] != ref}
+        if self.data.store:  # inputs are stored as float16
+            out["data.store"] = {"value": "float16 patch store", "reference": "float32 from HDF5"}
+        return out

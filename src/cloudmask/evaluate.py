@@ -70,8 +70,9 @@ def score(predicted: np.ndarray, truth: np.ndarray) -> dict:
             "predicted_cloud_fraction": (tp + fp) / p.size, "tp": tp, "fp": fp, "fn": fn, "tn": tn}
 
 
-def evaluate(model, files: list[Path], cfg, test_dir: Path, masks_dir: Path | None) -> dict:
-    """Score ``model`` on ``files``; returns the ``test`` section of results.json plus timing."""
+def evaluate(model, files: list[Path], cfg, test_dir: Path, masks_dir: Path | None, load=None) -> dict:
+    """Score ``model`` on ``files``; returns the ``test`` section of results.json plus timing. ``load(path)``
+    -> (test patches, label) replaces reading the raw file (a patch store)."""
     geometry = Geometry.from_config(cfg)
     infer = cfg.infer
     threshold = infer.threshold
@@ -80,8 +81,10 @@ def evaluate(model, files: list[Path], cfg, test_dir: Path, masks_dir: Path | No
     if masks_dir is not None:
         masks_dir.mkdir(exist_ok=True)
 
-    def load(path):
+    def load_raw(path):
         return pipeline.load_test_image(path, geometry, cfg.data.normalisation, cfg.data.min_finite_fraction)
+
+    load = load or load_raw
 
     def flush(group):
         batch = np.concatenate([g[1][0] for g in group])

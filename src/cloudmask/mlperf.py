@@ -67,7 +67,7 @@ def log_hyperparameters(log: MLPerfLog, cfg, train_samples: int, eval_samples: i
     log.event(C.SEED, cfg.seed)
     log.event(C.GLOBAL_BATCH_SIZE, cfg.train.batch_size)
     log.event(C.OPT_NAME, "adam")
-    log.event(C.OPT_BASE_LR, cfg.train.learning_rate)
+    log.event(C.OPT_BASE_LR, cfg.effective_learning_rate)
     log.event(C.TRAIN_SAMPLES, train_samples)
     log.event(C.EVAL_SAMPLES, eval_samples)
     log.event(NUMBER_OF_NODES, nodes)

@@ -44,7 +44,8 @@ def build_from_config(cfg) -> keras.Model:
     return build_unet(cfg.image.patch_size, 9, cfg.model.filters, cfg.model.depth)
 
 
-def compile_model(model: keras.Model, learning_rate: float, accumulation_steps: int = 1) -> keras.Model:
+def compile_model(model: keras.Model, learning_rate: float, accumulation_steps: int = 1,
+                  jit_compile="auto") -> keras.Model:
     """Adam with Keras default betas/epsilon, mean binary cross-entropy on probabilities, accuracy at 0.5.
 
     With ``accumulation_steps`` > 1 the optimizer averages the gradients of that many micro-batches before one
@@ -56,6 +57,7 @@ def compile_model(model: keras.Model, learning_rate: float, accumulation_steps: 
                                         else None),
         loss=keras.losses.BinaryCrossentropy(),
         metrics=[keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.5)],
+        jit_compile=jit_compile,
     )
     return model
 

@@ -13,7 +13,7 @@ import io
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import fileio
@@ -44,6 +44,7 @@ class Report:
     runs: list[dict]
     summary: list[dict]
     histories: dict[str, dict]  # run -> per-epoch lists, for plots
+    power: dict[str, Path] = field(default_factory=dict)  # run -> its power.csv
 
     @property
     def problems(self) -> list[dict]:
@@ -60,6 +61,7 @@ def collect(dirs: list[str | os.PathLike]) -> Report:
             raise ReportError(f"{root}: no such directory", "pass run, experiment or results directories")
     rows: dict[str, dict] = {}
     histories: dict[str, dict] = {}
+    power: dict[str, Path] = {}
     base = Path(os.path.commonpath([r.resolve() for r in roots]))
     if len(roots) == 1 and (base / CONFIG).is_file() and not (base / EXPERIMENT).is_file():
         base = base.parent  # a single run directory: name it by its own name
@@ -70,6 +72,8 @@ def collect(dirs: list[str | os.PathLike]) -> Report:
                 continue
             name = run.resolve().relative_to(base).as_posix()
             rows[name], histories[name] = _run_row(run, name)
+            if (run / "power.csv").is_file():
+                power[name] = run / "power.csv"
         for exp in find_experiments(root):
             states = task_states(exp, _queue_for(exp))
             latest = {st.run_dir for st in states if st.run_dir is not None}
@@ -86,7 +90,8 @@ def collect(dirs: list[str | os.PathLike]) -> Report:
                     row.update(status=st.state, seed=st.seed, reason=st.reason)
                     rows[name] = row
     ordered = [rows[k] for k in sorted(rows, key=lambda k: (rows[k]["experiment"], k))]
-    return Report(ordered, summarise(ordered), {k: histories[k] for k in sorted(histories)})
+    return Report(ordered, summarise(ordered), {k: histories[k] for k in sorted(histories)},
+                  {k: power[k] for k in sorted(power)})
 
 
 def _queue_for(exp: Experiment):
@@ -136,6 +141,7 @@ def _run_row(run: Path, name: str) -> tuple[dict, dict]:
         energy_method=gpu_energy.get("method") or "none", division=results.get("division"),
     )
     history = {k: list(v) for k, v in (results.get("history") or {}).items()}
+    history["experiment"], history["seed"], history["status"] = experiment, row["seed"], row["status"]
     history["epoch_s"] = list(timing.get("epoch_s") or [])
     history["energy_j"] = list(gpu_energy.get("per_epoch_j") or [])
     if row["status"] == "success" and test == {} and results.get("test") is None:
@@ -255,11 +261,177 @@ def as_json(report: Report) -> str:
 
 
 def write(report: Report, out: str | os.PathLike) -> list[Path]:
-    """Write runs.csv, summary.csv, report.json and report.md into ``out`` (each replaced atomically)."""
+    """Write runs.csv, summary.csv, report.json, the plots, report.md and report.html into ``out`` (each file
+    replaced atomically; plots that no longer apply are removed, so the directory matches its report)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = [fileio.write_text(out / "runs.csv", to_csv(report.runs, RUN_COLUMNS)),
              fileio.write_text(out / "summary.csv", to_csv(report.summary, SUMMARY_COLUMNS)),
              fileio.write_text(out / "report.json", as_json(report))]
-    files.append(fileio.write_text(out / "report.md", markdown(report)))
+    plots, note = plot_all(report, out)
+    for stale in sorted(out.glob("*.png")):
+        if stale not in plots:
+            stale.unlink()
+    md = markdown(report, [p.name for p in plots])
+    if note:
+        md += f"\n{note}\n"
+    files += plots
+    files.append(fileio.write_text(out / "report.md", md))
+    files.append(fileio.write_text(out / "report.html", html(report, plots, note)))
     return files
+
+
+# ------------------------------------------------------------------------------------------------- plots
+
+
+def plot_all(report: Report, out: Path) -> tuple[list[Path], str | None]:
+    """The paper's figures for these runs: per-epoch curves of every repeat (Figures 3-8), time per epoch per
+    machine and GPU with error bars (Figure 9), energy per epoch, and GPU power traces."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return [], "Plots skipped: matplotlib is not installed (`pip install cloudmask-bench[report]`)."
+    plt.rcParams.update({"figure.dpi": 100, "font.size": 9, "svg.hashsalt": "cloudmask"})
+    plots = []
+    experiments = sorted({h["experiment"] for h in report.histories.values() if h.get("loss")})
+    for exp in experiments:
+        runs = {k: h for k, h in report.histories.items() if h.get("loss") and h["experiment"] == exp}
+        plots.append(_plot_curves(plt, exp, runs, out / f"curves-{_slug(exp)}.png"))
+    groups = [s for s in report.summary if s["metric"] == "time_per_epoch_s"]
+    if groups:
+        plots.append(_plot_bars(plt, groups, "time per epoch (s)", "Time per epoch (mean ± std over repeats)",
+                                out / "time_per_epoch.png"))
+    energy = [s for s in report.summary if s["metric"] == "gpu_energy_per_epoch_j"]
+    if energy:
+        plots.append(_plot_bars(plt, energy, "GPU energy per epoch (J)",
+                                "GPU energy per epoch (mean ± std over repeats)", out / "energy_per_epoch.png"))
+    if report.power:
+        plots.append(_plot_power(plt, report.power, out / "power_trace.png"))
+    return plots, None
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9.=,+-]+", "_", text).strip("_") or "runs"
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    with fileio.atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+def _plot_curves(plt, experiment: str, runs: dict[str, dict], path: Path) -> Path:
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+    panels = [("loss", "training loss"), ("val_loss", "validation loss"), ("accuracy", "training accuracy"),
+              ("val_accuracy", "validation accuracy")]
+    for ax, (key, label) in zip(axes.flat, panels):
+        for name, h in runs.items():
+            values = h.get(key) or []
+            ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3,
+                    label=f"seed {h['seed']}" + ("" if h["status"] == "success" else f" ({h['status']})"))
+        ax.set_title(label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label.split()[-1])
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"{experiment}: training and validation per epoch, {len(runs)} runs")
+    return _save(plt, fig, path)
+
+
+def _plot_bars(plt, groups: list[dict], ylabel: str, title: str, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(groups) + 2), 4.5))
+    labels = [f"{g['experiment']}\n{g['machine']}\n{g['gpu']}" for g in groups]
+    ax.bar(range(len(groups)), [g["mean"] for g in groups], yerr=[g["std"] or 0 for g in groups], capsize=4,
+           color="#4c72b0")
+    for i, g in enumerate(groups):
+        ax.annotate(f"n={g['n']}", (i, g["mean"] + (g["std"] or 0)), ha="center", va="bottom", fontsize=7,
+                    xytext=(0, 3), textcoords="offset points")
+    ax.set_xticks(range(len(groups)), labels, fontsize=7)
+    ax.set_xlabel("experiment / machine / GPU")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(plt, fig, path)
+
+
+def _plot_power(plt, traces: dict[str, Path], path: Path, limit: int = 8) -> Path:
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for name, csv_path in list(traces.items())[:limit]:
+        series: dict[str, tuple[list, list]] = {}
+        with open(csv_path, newline="") as f:
+            for row in csv.DictReader(f):
+                try:
+                    t, w = float(row["time"]), float(row["power_w"])
+                except (KeyError, TypeError, ValueError):
+                    continue
+                ts, ws = series.setdefault(row.get("gpu", "0"), ([], []))
+                ts.append(t)
+                ws.append(w)
+        for gpu, (ts, ws) in sorted(series.items()):
+            t0 = ts[0] if ts else 0
+            ax.plot([t - t0 for t in ts], ws, linewidth=0.8, label=f"{name} GPU {gpu}")
+    ax.set_xlabel("time since the run started (s)")
+    ax.set_ylabel("GPU power (W)")
+    ax.set_title("GPU power" + (f" (first {limit} runs)" if len(traces) > limit else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(plt, fig, path)
+
+
+# -------------------------------------------------------------------------------------------------- html
+
+
+def html(report: Report, plots: list[Path], note: str | None) -> str:
+    """One self-contained page: the tables of report.md and the plots inlined as base64 PNGs."""
+    import base64
+    from html import escape
+
+    def table(headers, rows):
+        head = "".join(f"<th>{escape(str(h))}</th>" for h in headers)
+        body = "".join("<tr>" + "".join(f"<td>{escape(_cell(v))}</td>" for v in r) + "</tr>" for r in rows)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    ok = sum(r["status"] == "success" for r in report.runs)
+    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>CloudMask benchmark report</title>",
+             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#eee}"
+             "img{max-width:100%}</style></head><body>",
+             "<h1>CloudMask benchmark report</h1>",
+             f"<p>{len(report.runs)} runs: {ok} successful, {len(report.runs) - ok} failed, interrupted, "
+             "incomplete or missing.</p>", "<h2>Summary across repeats</h2>",
+             table(["experiment", "machine", "GPU", "metric", "n", "mean", "std", "95 % CI low", "95 % CI high",
+                    "min", "max", "olympic"],
+                   [[s["experiment"], s["machine"], s["gpu"], METRICS[s["metric"]], s["n"], s["mean"], s["std"],
+                     s["ci95_low"], s["ci95_high"], s["min"], s["max"], s["olympic_mean"]] for s in report.summary]),
+             "<h2>Runs</h2>", table(RUN_COLUMNS[:-1], [[r[c] for c in RUN_COLUMNS[:-1]] for r in report.runs]),
+             "<h2>Failed, interrupted, incomplete or missing runs</h2>",
+             table(["run", "status", "seed", "reason"], [[r["run"], r["status"], r["seed"], r["reason"]]
+                                                         for r in report.problems]) if report.problems else
+             "<p>None.</p>"]
+    if plots:
+        parts.append("<h2>Plots</h2>")
+        for p in plots:
+            data = base64.b64encode(p.read_bytes()).decode()
+            parts.append(f"<p><img alt='{escape(p.stem)}' src='data:image/png;base64,{data}'></p>")
+    if note:
+        parts.append(f"<p>{escape(note)}</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)

@@ -36,6 +36,13 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
+def set_precision(precision: str) -> None:
+    """Keras dtype policy for layers built from now on: fp32 -> float32, else the named mixed policy."""
+    import keras
+
+    keras.mixed_precision.set_global_policy("float32" if precision == "fp32" else precision)
+
+
 def accelerators() -> list[str]:
     """Names of the GPUs the Keras backend will use (empty on CPU)."""
     name = backend()

@@ -79,6 +79,19 @@ def prepare_data(cfg, train_dir: Path, start_epoch: int = 0) -> TrainData:
     return TrainData(train_files, val_files, train_stream, val_stream)
 
 
+def prepare_store_data(cfg, st, start_epoch: int = 0) -> TrainData:
+    """The two streams over a patch store (already split and screened when it was prepared)."""
+    from .store import StoreStream
+
+    common = dict(batch_size=cfg.train.batch_size, seed=cfg.seed, read_threads=max(2, cfg.data.read_threads),
+                  micro_batches=cfg.accumulation_steps, resident=cfg.data.resident)
+    train_stream = StoreStream(st, "train", shuffle=True, order=cfg.train.shuffle,
+                               window_files=cfg.train.shuffle_buffer_files, start_epoch=start_epoch, **common)
+    val_stream = StoreStream(st, "val", shuffle=False, **common)
+    return TrainData([Path(f) for f in st.files("train")], [Path(f) for f in st.files("val")], train_stream,
+                     val_stream)
+
+
 # ----------------------------------------------------------------------------------------------- history
 
 

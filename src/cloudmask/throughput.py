@@ -1,0 +1,160 @@
+"""``cloudmask bench --mode throughput``: steady-state speed of the input pipeline, training and inference.
+
+Warm-up steps (graph tracing, XLA compilation, first reads) are run first and excluded. Throughput is samples
+divided by the total time of the timed steps (not a mean of per-step rates, which over-weights fast steps).
+Training FLOPs per patch are 3 x the forward FLOPs counted from the model's convolutions (backward ~ 2 x
+forward); utilisation is achieved FLOP/s over the device's dense peak for the precision used, when the device
+is in the table below.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+
+import numpy as np
+
+from . import runtime
+
+log = logging.getLogger(__name__)
+
+# Dense peak FLOP/s from NVIDIA's datasheets: (fp32 without tensor cores or TF32, bf16/fp16 tensor cores).
+PEAK_FLOPS = {
+    "H100 80GB HBM3": (67e12, 989.4e12),       # SXM
+    "H100 PCIe": (51e12, 756.5e12),
+    "H100 NVL": (60e12, 835.5e12),
+    "H200": (67e12, 989.4e12),
+    "A100-SXM4-80GB": (19.5e12, 312e12),
+    "A100-SXM4-40GB": (19.5e12, 312e12),
+    "A100-PCIE-40GB": (19.5e12, 312e12),
+    "A100 80GB PCIe": (19.5e12, 312e12),
+    "V100-SXM2-16GB": (15.7e12, 125e12),
+    "V100-SXM2-32GB": (15.7e12, 125e12),
+}
+
+
+def device_peak(name: str, precision: str) -> float | None:
+    for key, (fp32, half) in PEAK_FLOPS.items():
+        if key.lower() in name.lower():
+            return fp32 if precision == "fp32" else half
+    return None
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss it is not inherited from a parent)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB -> GiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _time_stream(stream, warmup: int, steps: int) -> tuple[float, int]:
+    it = iter(stream)
+    for _ in range(warmup):
+        next(it)
+    t0 = time.perf_counter()
+    samples = 0
+    for _ in range(steps):
+        x, _y = next(it)
+        samples += len(x)
+    return time.perf_counter() - t0, samples
+
+
+def measure(cfg, td, test_source, warmup: int = 3, steps: int = 20, test_images: int = 4) -> dict:
+    """Loader, training and inference throughput of ``cfg``'s model on ``td`` (TrainData) and the test images."""
+    import keras
+
+    from . import evaluate, model as model_lib, pipeline, preprocess
+    from .preprocess import Geometry
+
+    runtime.seed_everything(cfg.seed, cfg.train.deterministic)
+    runtime.set_precision(cfg.train.precision)
+    devices = runtime.accelerators()
+    model = model_lib.compile_model(model_lib.build_from_config(cfg), cfg.effective_learning_rate,
+                                    cfg.accumulation_steps, cfg.train.jit_compile)
+    fwd = model_lib.forward_flops(model)
+    steps = min(steps, td.train_stream.steps * 10)
+
+    loader_s, loader_n = _time_stream(td.train_stream, warmup, steps)
+
+    class StepTimer(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == warmup - 1:
+                self.t0 = time.perf_counter()
+
+        def on_train_end(self, logs=None):
+            self.t1 = time.perf_counter()
+
+    timer = StepTimer()
+    model.fit(iter(td.train_stream), steps_per_epoch=warmup + steps, epochs=1, verbose=0, callbacks=[timer],
+              shuffle=False)
+    micro = cfg.train.micro_batch_size or cfg.train.batch_size
+    train_s, train_n = timer.t1 - timer.t0, steps * micro
+
+    g = Geometry.from_config(cfg)
+    test_root, files, load = test_source
+    if load is None:
+        def load(path):
+            return pipeline.load_test_image(path, g, cfg.data.normalisation, cfg.data.min_finite_fraction)
+    images = [load(f) for f in files[:max(1, test_images)]]
+    model.predict(images[0][0], batch_size=cfg.infer.batch_size, verbose=0)  # warm-up
+    t0 = time.perf_counter()
+    for patches, label in images:
+        probs = model.predict(patches, batch_size=cfg.infer.batch_size, verbose=0)
+        predicted = preprocess.stitch(np.asarray(probs), g)[..., 0] > cfg.infer.threshold
+        evaluate.score(predicted, label)
+    infer_s = time.perf_counter() - t0
+    n_img = len(images)
+
+    train_rate = train_n / train_s
+    peak = device_peak(devices[0], cfg.train.precision) if devices else None
+    achieved = train_rate * 3 * fwd
+    peak = peak * len(devices) if peak else None
+    return {
+        "mode": "throughput",
+        "backend": runtime.backend(),
+        "devices": devices or ["CPU"],
+        "precision": cfg.train.precision,
+        "jit_compile": cfg.train.jit_compile,
+        "batch_size": cfg.train.batch_size,
+        "micro_batch_size": micro,
+        "input": "patch-store" if cfg.data.store else "streaming-hdf5",
+        "warmup_steps": warmup,
+        "timed_steps": steps,
+        "loader_patches_per_s": loader_n / loader_s,
+        "train_patches_per_s": train_rate,
+        "train_epoch_s_full_dataset": 15_520 / train_rate,
+        "inference_images_per_s": n_img / infer_s,
+        "inference_patches_per_s": n_img * g.patches_per_test_image / infer_s,
+        "time_per_inference_s": infer_s / n_img,
+        "test_set_100_images_s": 100 * infer_s / n_img,
+        "forward_gflop_per_patch": fwd / 1e9,
+        "train_gflop_per_patch": 3 * fwd / 1e9,
+        "achieved_tflops": achieved / 1e12,
+        "device_peak_tflops": peak / 1e12 if peak else None,
+        "utilisation": achieved / peak if peak else None,
+        "peak_rss_gib": peak_rss_gib(),
+    }
+
+
+def table(r: dict) -> str:
+    from .tables import text_table
+
+    def fmt(v, unit=""):
+        return "-" if v is None else f"{v:,.2f}{unit}" if isinstance(v, float) else str(v)
+
+    rows = [["devices", ", ".join(r["devices"])], ["backend / precision", f"{r['backend']} / {r['precision']}"],
+            ["input", r["input"]], ["batch (micro-batch)", f"{r['batch_size']} ({r['micro_batch_size']})"],
+            ["loader", fmt(r["loader_patches_per_s"], " patches/s")],
+            ["training", fmt(r["train_patches_per_s"], " patches/s")],
+            ["epoch of 15,520 patches", fmt(r["train_epoch_s_full_dataset"], " s")],
+            ["inference", f"{fmt(r['inference_patches_per_s'], ' patches/s')} "
+                          f"({fmt(r['time_per_inference_s'], ' s')} per image)"],
+            ["100 test images", fmt(r["test_set_100_images_s"], " s")],
+            ["GFLOP per patch (fwd / train)", f"{r['forward_gflop_per_patch']:.2f} / {r['train_gflop_per_patch']:.2f}"],
+            ["achieved", fmt(r["achieved_tflops"], " TFLOP/s")],
+            ["utilisation of peak", "-" if r["utilisation"] is None else f"{100 * r['utilisation']:.1f} %"],
+            ["peak RSS", fmt(r["peak_rss_gib"], " GiB")]]
+    return text_table([f"throughput ({r['warmup_steps']} warm-up + {r['timed_steps']} timed steps)", ""], rows)
