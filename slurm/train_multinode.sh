@@ -3,7 +3,9 @@
 # (one task per node; every task drives the node's GPUs). Same environment variables as slurm/train.sh.
 #
 # Status: the launcher shape is fixed here, but `cloudmask train` does not yet run as several cooperating
-# workers (MultiWorkerMirroredStrategy over SlurmClusterResolver is the next step, docs/slurm.md "Multi-node").
+# workers. Keras 3's fit() fails under TensorFlow's MultiWorkerMirroredStrategy (keras-team/keras#20585,
+# tensorflow/tensorflow#72388; reproduced here with Keras 3.15 / TF 2.21), so the multi-node path needs the JAX
+# backend (keras.distribution) or a custom TensorFlow loop: docs/slurm.md "Multi-node".
 # Until then this script refuses to start rather than run N independent copies that would race on one run
 # directory. Use slurm/train.sh (one node, one or more GPUs) for measurements today.
 #SBATCH --job-name=cloudmask-mn

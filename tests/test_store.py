@@ -59,10 +59,12 @@ def test_global_order_is_a_fresh_permutation_every_epoch(prepared, dataset):
     assert len(set(e0)) == len(e0) == 80 and sorted(e0) == list(range(80))
     assert not np.array_equal(e0, e1)
     np.testing.assert_array_equal(e0, store.StoreStream(st, "train", 8, 1, True, "global").epoch_order(0))
-    resident = store.StoreStream(st, "train", batch_size=8, seed=1, shuffle=True, order="global", resident=True)
-    for (a, b), (c, d) in itertools.islice(zip(s, resident), 12):
-        np.testing.assert_array_equal(a, c)
-        np.testing.assert_array_equal(b, d)
+    for mode in ("host", "device"):
+        reads = store.StoreStream(st, "train", batch_size=8, seed=1, shuffle=True, order="global")
+        resident = store.StoreStream(st, "train", batch_size=8, seed=1, shuffle=True, order="global", resident=mode)
+        for (a, b), (c, d) in itertools.islice(zip(reads, resident), 12):
+            np.testing.assert_array_equal(a, np.asarray(c))
+            np.testing.assert_array_equal(b, np.asarray(d))
 
 
 def test_training_from_the_store_matches_the_raw_files(prepared, dataset, tmp_path):
@@ -107,8 +109,9 @@ def test_bad_stores_are_clean_errors(prepared, dataset, tmp_path):
 
 
 def test_throughput_mode_prints_the_fields_as_json(prepared):
+    # --set train.shuffle=global is valid only with the store given by --store: validated after both apply
     done = run_cli("bench", "--mode", "throughput", "--json", "--store", str(prepared), "--warmup", "1",
-                   "--steps", "3", *(a for kv in TINY for a in ("--set", kv)))
+                   "--steps", "3", *(a for kv in [*TINY, "train.shuffle=global"] for a in ("--set", kv)))
     assert done.returncode == 0, done.stderr
     r = json.loads(done.stdout[done.stdout.index("{"):])
     for key in ("loader_patches_per_s", "train_patches_per_s", "inference_patches_per_s", "time_per_inference_s",
@@ -144,3 +147,11 @@ def test_the_comparison_script_prints_the_ratio_table(tmp_path):
     assert table[0].startswith("| training files | batches | reference epoch 1 s | store epoch 1 s | ratio")
     cells = [c.strip() for c in table[2].strip("|").split("|")]
     assert cells[0] == "2" and cells[4].endswith("x") and float(cells[4][:-1]) > 0
+
+
+def test_a_device_resident_globally_shuffled_run(prepared, tmp_path):
+    cfg = load_config(overrides=[*TINY, f"data.store={prepared}", "data.resident=device", "train.shuffle=global",
+                                 "train.epochs=1", "infer.max_files=1"])
+    results = benchmark.run(cfg, tmp_path / "run")
+    assert results["status"] == "success" and np.isfinite(results["history"]["loss"]).all()
+    assert {"train.shuffle", "data.store"} <= set(results["deviations"])

@@ -43,8 +43,8 @@ def _resume_config(run: RunDir, changes: dict | None) -> Config:
     """The run's saved config; a resume that would change any key is refused, naming the keys."""
     saved = run.config()
     if changes:
-        requested = load_config(changes.get("config"), changes.get("overrides", ()), base=saved.to_dict())
-        requested = requested.with_values(changes.get("values", {}), "command line")
+        requested = load_config(changes.get("config"), changes.get("overrides", ()), base=saved.to_dict(),
+                                values=changes.get("values", {}))
         a, b = _flatten(saved.to_dict()), _flatten(requested.to_dict())
         differing = sorted(k for k in a if a[k] != b.get(k))
         if differing:

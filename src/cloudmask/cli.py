@@ -144,8 +144,7 @@ def cmd_train(args) -> int:
                       resume_changes={"config": args.config, "overrides": args.set, "values": values},
                       stage_to=args.stage_to)
     else:
-        benchmark.run(load_config(args.config, args.set).with_values(values, "command line"), args.out,
-                      stage_to=args.stage_to)
+        benchmark.run(load_config(args.config, args.set, values=values), args.out, stage_to=args.stage_to)
     return 0
 
 
@@ -153,11 +152,10 @@ def cmd_bench(args) -> int:
     from . import benchmark
     from .config import load_config, read_preset
 
-    cfg = load_config(args.config, args.set, base=read_preset("bench"))
-    if args.skip_bad:
-        cfg = cfg.with_values({"data.skip_bad": True}, "command line")
+    values = {"data.skip_bad": True} if args.skip_bad else {}
     if args.store:
-        cfg = cfg.with_values({"data.store": args.store}, "--store")
+        values["data.store"] = args.store
+    cfg = load_config(args.config, args.set, base=read_preset("bench"), values=values)
     data_root = args.data
     if args.prefer_data and not data_root:
         data_root = benchmark.dataset_if_present(args.prefer_data)

@@ -118,7 +118,7 @@ RULES: dict[str, Rule] = {
     "data.skip_bad": _bool(),
     "data.read_threads": _int(1, 64),
     "data.store": _text(optional=True),
-    "data.resident": _bool(),
+    "data.resident": _choice("none", "host", "device"),
     "image.height": _int(16),
     "image.width": _int(16),
     "image.patch_size": _int(8),
@@ -356,8 +356,9 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def load_config(config_file: str | None = None, overrides: Iterable[str] = (),
-                base: dict | None = None) -> "Config":
-    """Defaults <- ``base`` (e.g. a preset) <- config file <- ``--set`` overrides; validated."""
+                base: dict | None = None, values: dict | None = None) -> "Config":
+    """Defaults <- ``base`` (e.g. a preset) <- config file <- ``--set`` overrides <- ``values`` (dotted keys set
+    by command-line options such as --data); validated once, after everything is applied."""
     tree = copy.deepcopy(_defaults())
     notes: list[str] = []
     if base:
@@ -369,7 +370,7 @@ def load_config(config_file: str | None = None, overrides: Iterable[str] = (),
             notes = [f"{source}: reference config mapped; {n}" for n in notes]
         _merge(tree, raw, source)
     cfg = Config(tree, notes)
-    return cfg.with_overrides(overrides)
+    return cfg.with_values({**dict(parse_override(item) for item in overrides), **(values or {})})
 
 
 def config_from_dict(tree: dict, source: str) -> "Config":
@@ -458,8 +459,8 @@ class Config:
         if self.train.shuffle == "global" and not self.data.store:
             raise ConfigError(f"{where}train.shuffle=global needs a patch store (data.store)",
                               "prepare one with `cloudmask data prepare RAW STORE`, or use train.shuffle=window")
-        if self.data.resident and not self.data.store:
-            raise ConfigError(f"{where}data.resident=true needs a patch store (data.store)")
+        if self.data.resident != "none" and not self.data.store:
+            raise ConfigError(f"{where}data.resident={self.data.resident} needs a patch store (data.store)")
         if img.patch_size % (2 ** self.model.depth):
             raise ConfigError(f"{where}image.patch_size={img.patch_size} must be divisible by 2**model.depth "
                               f"= {2 ** self.model.depth}")

@@ -245,7 +245,7 @@ class StoreStream:
 
     def __init__(self, store: Store, split: str, batch_size: int, seed: int, shuffle: bool, order: str = "window",
                  window_files: int = 8, read_threads: int = 4, start_epoch: int = 0, micro_batches: int = 1,
-                 prefetch: int = 2, resident: bool = False):
+                 prefetch: int = 2, resident: str = "none"):
         self.x, self.y = store.array(f"{split}_x"), store.array(f"{split}_y")
         self.per_file = _geometry(store.meta).patches_per_train_image
         self.n_files = len(store.files(split))
@@ -257,9 +257,11 @@ class StoreStream:
         self.steps = self.batches * micro_batches
         self.error: DataError | None = None
         self.what = split
+        self.resident = resident
         self._resident = None
-        if resident:  # the whole split in RAM as float16 (18 GB for the full training set)
+        if resident in ("host", "device"):  # the whole split in RAM as float16 (18 GB for the full training set)
             self._resident = (self.x.read(np.arange(self.patches)), self.y.read(np.arange(self.patches)))
+        self._device = None
         if self.batches == 0:
             raise DataError(f"the store's {split} split has {self.patches} patches, fewer than one batch of "
                             f"{batch_size}", "lower train.batch_size")
@@ -273,8 +275,23 @@ class StoreStream:
         return window_order(self.n_files, self.per_file, self.batch_size, self.batches, self.seed, epoch,
                             self.window_files)
 
+    def _device_arrays(self):
+        """The split as backend tensors on the default device (the GPU when there is one), made once."""
+        if self._device is None:
+            import keras
+
+            x, y = self._resident
+            self._device = (keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y))
+            self._resident = None  # the host copy is no longer needed
+        return self._device
+
     def _read(self, rows: np.ndarray):
         # x stays float16: the model casts it on the device (half the bytes to move, no host-side conversion)
+        if self.resident == "device":
+            import keras
+
+            x, y = self._device_arrays()
+            return keras.ops.take(x, rows, axis=0), keras.ops.cast(keras.ops.take(y, rows, axis=0), "float32")
         if self._resident is not None:
             return self._resident[0][rows], self._resident[1][rows].astype(np.float32)
         # split one batch over the threads: each reads a slice of rows with its own preads
