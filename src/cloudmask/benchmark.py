@@ -222,11 +222,7 @@ def _training_data(cfg: Config, state: dict, timers, mlog: MLPerfLog, stage_to):
 
         path = Path(cfg.data.store).expanduser()
         if stage_to:
-            with timers.phase("stage data"):
-                mlog.start(C.STAGING_START)
-                path, staged = store_lib.stage(store_lib.open_store(path, cfg).path, stage_to)
-                mlog.end(C.STAGING_STOP, files=staged.files, copied=staged.copied, bytes=staged.bytes)
-            _record_staging(state, staged)
+            path = _stage(timers, mlog, state, lambda: store_lib.stage(store_lib.open_store(path, cfg).path, stage_to))
         st = store_lib.open_store(path, cfg)
         td = train.prepare_store_data(cfg, st, start_epoch=start)
         facts = {"store": str(st.path), "source": st.meta["source"]["root"], "train_files": len(td.train_files),
@@ -235,11 +231,7 @@ def _training_data(cfg: Config, state: dict, timers, mlog: MLPerfLog, stage_to):
                                                                facts)
     layout = data.resolve_layout(cfg.data.root, cfg.data.train_dir, cfg.data.test_dir, need_test=cfg.infer.enabled)
     if stage_to:
-        with timers.phase("stage data"):
-            mlog.start(C.STAGING_START)
-            layout, staged = data.stage(layout, stage_to)
-            mlog.end(C.STAGING_STOP, files=staged.files, copied=staged.copied, bytes=staged.bytes)
-        _record_staging(state, staged)
+        layout = _stage(timers, mlog, state, lambda: data.stage(layout, stage_to))
     td = train.prepare_data(cfg, layout.train_dir, start_epoch=start)
     root = layout.train_dir.parent if layout.naming != "explicit" else None
     facts = {"train_dir": str(layout.train_dir), "test_dir": str(layout.test_dir),
@@ -249,12 +241,18 @@ def _training_data(cfg: Config, state: dict, timers, mlog: MLPerfLog, stage_to):
                                                                     facts)
 
 
-def _record_staging(state: dict, staged) -> None:
+def _stage(timers, mlog: MLPerfLog, state: dict, stage):
+    """Run ``stage()`` -> (staged thing, data.Staging) as the timed, MLPerf-logged staging step of init."""
+    with timers.phase("stage data"):
+        mlog.start(C.STAGING_START)
+        result, staged = stage()
+        mlog.end(C.STAGING_STOP, files=staged.files, copied=staged.copied, bytes=staged.bytes)
     log.info("staged %d files (%d copied, %.1f MB) to %s in %.1f s", staged.files, staged.copied,
              staged.bytes / 1e6, staged.dest, staged.seconds)
     state.setdefault("staging", []).append({"attempt": state["attempts"], "dest": str(staged.dest),
                                             "files": staged.files, "copied": staged.copied,
                                             "bytes": staged.bytes, "seconds": staged.seconds})
+    return result
 
 
 def _log_reference_lines(cfg, results, td, gpus) -> None:

@@ -442,21 +442,13 @@ def stage(layout: Layout, dest: str | os.PathLike) -> tuple[Layout, Staging]:
         target_dir = dest / name
         for f in find_files(src):
             target = target_dir / f.relative_to(src)
-            st = f.stat()
             files += 1
-            size += st.st_size
-            if target.is_file():
-                tt = target.stat()
-                if tt.st_size == st.st_size and tt.st_mtime_ns == st.st_mtime_ns:
-                    continue
+            size += f.stat().st_size
             try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with fileio.atomic_path(target) as tmp:
-                    shutil.copy2(f, tmp)
+                copied += fileio.copy_if_changed(f, target)
             except OSError as e:
                 raise DataError(f"{target}: cannot stage the dataset there ({e.strerror or e})",
                                 "free space on the node-local disk or stage elsewhere (--stage-to DIR)") from None
-            copied += 1
         staged.append(target_dir)
     if layout.naming != "explicit" and layout.train_dir is not None:
         manifest = layout.train_dir.parent / MANIFEST_NAME

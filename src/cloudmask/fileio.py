@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +24,20 @@ def atomic_path(target: str | os.PathLike, suffix: str = ""):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def copy_if_changed(src: Path, dst: Path) -> bool:
+    """Copy ``src`` to ``dst`` (atomically, with its time stamp) unless ``dst`` already has the same size and
+    modification time; True if it copied. Staging uses it so a repeated stage copies nothing."""
+    st = src.stat()
+    if dst.is_file():
+        have = dst.stat()
+        if have.st_size == st.st_size and have.st_mtime_ns == st.st_mtime_ns:
+            return False
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dst) as tmp:
+        shutil.copy2(src, tmp)
+    return True
 
 
 def _umask() -> int:

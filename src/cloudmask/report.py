@@ -19,7 +19,7 @@ from pathlib import Path
 from . import fileio
 from .errors import CloudmaskError
 from .experiments import CONFIG, EXPERIMENT, RESULTS, Experiment, find_experiments, run_state, task_states
-from .tables import markdown_table
+from .tables import format_cell, markdown_table
 
 RUN_COLUMNS = ["experiment", "run", "status", "seed", "epochs_run", "train_accuracy", "test_accuracy",
                "time_per_epoch_s", "time_per_inference_s", "gpu", "gpus", "machine", "gpu_energy_j",
@@ -398,7 +398,7 @@ def html(report: Report, plots: list[Path], note: str | None) -> str:
 
     def table(headers, rows):
         head = "".join(f"<th>{escape(str(h))}</th>" for h in headers)
-        body = "".join("<tr>" + "".join(f"<td>{escape(_cell(v))}</td>" for v in r) + "</tr>" for r in rows)
+        body = "".join("<tr>" + "".join(f"<td>{escape(format_cell(v))}</td>" for v in r) + "</tr>" for r in rows)
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
     ok = sum(r["status"] == "success" for r in report.runs)
@@ -428,10 +428,3 @@ def html(report: Report, plots: list[Path], note: str | None) -> str:
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
-
-def _cell(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)

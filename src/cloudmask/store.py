@@ -345,17 +345,10 @@ def stage(path: Path, dest: str | os.PathLike) -> tuple[Path, "data.Staging"]:
     target = Path(dest).expanduser() / path.name
     files = copied = size = 0
     try:
-        target.mkdir(parents=True, exist_ok=True)
         for name in [f"{a}.npy" for a in ARRAYS] + [META]:
-            src, dst = path / name, target / name
-            st = src.stat()
             files += 1
-            size += st.st_size
-            if dst.is_file() and dst.stat().st_size == st.st_size and dst.stat().st_mtime_ns == st.st_mtime_ns:
-                continue
-            with fileio.atomic_path(dst) as tmp:
-                shutil.copy2(src, tmp)
-            copied += 1
+            size += (path / name).stat().st_size
+            copied += fileio.copy_if_changed(path / name, target / name)
     except OSError as e:
         raise DataError(f"{target}: cannot stage the store there ({e.strerror or e})",
                         "free space on the node-local disk or stage elsewhere (--stage-to DIR)") from None

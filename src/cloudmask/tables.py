@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Sequence
 
 
-def _cell(value) -> str:
+def format_cell(value) -> str:
+    """A table cell: None as "-", floats with up to 4 decimals (scientific when tiny or huge)."""
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -14,7 +15,7 @@ def _cell(value) -> str:
 
 
 def text_table(headers: Sequence[str], rows: Sequence[Sequence], title: str | None = None) -> str:
-    cells = [[_cell(v) for v in row] for row in rows]
+    cells = [[format_cell(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
     line = "  ".join("-" * w for w in widths)
     out = [title] if title else []
@@ -27,7 +28,7 @@ def text_table(headers: Sequence[str], rows: Sequence[Sequence], title: str | No
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    out += ["| " + " | ".join(_cell(v).replace("|", "\\|") for v in row) + " |" for row in rows]
+    out += ["| " + " | ".join(format_cell(v).replace("|", "\\|") for v in row) + " |" for row in rows]
     return "\n".join(out)
 
 
