@@ -336,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     # data ---------------------------------------------------------------------------------------------
-    p_data = sub.add_parser("data", help="synthesize, verify or download the dataset",
+    p_data = sub.add_parser("data", help="synthesize, verify, download or prepare (patch store) the dataset",
                             description="Dataset commands.")
     data_sub = p_data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
 
