@@ -129,3 +129,10 @@ def test_compute_options_and_learning_rate_scaling():
     dev = load_config(overrides=["train.precision=mixed_bfloat16", "train.lr_scaling=sqrt"]).deviations()
     assert set(dev) == {"train.precision", "train.lr_scaling"}
     assert not load_config(overrides=["train.jit_compile=true"]).deviations()  # XLA is not a deviation
+
+
+def test_gradient_accumulation_and_mirrored_replicas_are_refused_up_front():
+    with pytest.raises(ConfigError, match="micro_batch_size=8 .gradient accumulation. does not work"):
+        load_config(overrides=["distribute.strategy=mirrored", "train.micro_batch_size=8"])
+    with pytest.raises(ConfigError, match="distribute.cpu_devices=1"):
+        load_config(overrides=["distribute.cpu_devices=1"])

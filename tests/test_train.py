@@ -283,3 +283,20 @@ def test_mixed_precision_trains_and_is_a_deviation(dataset, tmp_path):
     import keras
 
     keras.mixed_precision.set_global_policy("float32")  # later tests in this process build fp32 models
+
+
+def test_two_mirrored_replicas_follow_the_single_device_trajectory(dataset, tmp_path):
+    """Data parallelism (MirroredStrategy over 2 logical CPUs) against the same strategy on 1 device, same global
+    batch: the same losses up to the all-reduce's summation order (stated tolerance: 1e-4 absolute per epoch).
+    (A run without any strategy is not bit-comparable: variables are created differently under a strategy.)"""
+    sets = [*TINY, "train.deterministic=true", "train.epochs=2", "infer.max_files=1", "distribute.strategy=mirrored"]
+    runs = {}
+    for name, extra in (("one", []), ("two", ["distribute.cpu_devices=2"])):
+        done = run_cli("train", "--data", str(dataset), "--out", str(tmp_path / name),
+                       *(a for kv in [*sets, *extra] for a in ("--set", kv)))
+        assert done.returncode == 0, done.stderr
+        runs[name] = json.loads((tmp_path / name / "results.json").read_text())
+    assert (runs["one"]["replicas"], runs["two"]["replicas"]) == (1, 2)
+    assert "2 replicas: global batch 8, 4 per replica" in (tmp_path / "two" / "console.log").read_text()
+    for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
+        np.testing.assert_allclose(runs["two"]["history"][key], runs["one"]["history"][key], atol=1e-4, err_msg=key)

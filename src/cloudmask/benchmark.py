@@ -135,9 +135,25 @@ def _run(cfg: Config, run_dir: RunDir, state: dict, mlog: MLPerfLog, tel: RunTel
         from . import evaluate, model as model_lib, train  # the framework import is part of init
         for note in cfg.notes:
             log.info("note: %s", note)
+        scope, replicas, strategy = runtime.distribution(cfg)
         runtime.seed_everything(cfg.seed, cfg.train.deterministic)
         runtime.set_precision(cfg.train.precision)
         gpus = runtime.accelerators()
+        if strategy and cfg.accumulation_steps > 1:
+            # Keras's gradient accumulation synchronises inside a conditional, which tf.distribute rejects
+            raise ConfigError(f"train.micro_batch_size={cfg.train.micro_batch_size} (gradient accumulation) does "
+                              f"not work with data parallelism ({strategy})",
+                              "drop train.micro_batch_size: each replica already gets batch_size / replicas, "
+                              "or set distribute.strategy=none")
+        per_step = cfg.train.micro_batch_size or cfg.train.batch_size
+        if per_step % replicas:
+            raise ConfigError(f"train.batch_size {per_step} (per step) does not split over {replicas} replicas",
+                              f"use a multiple of {replicas}")
+        if replicas > 1:
+            log.info("data parallel over %d replicas: global batch %d, %d per replica", replicas,
+                     cfg.train.batch_size, cfg.train.batch_size // replicas)
+        state["replicas"] = replicas
+        state["strategy"] = strategy
         td, test_source, naming, (root, digest, files) = _training_data(cfg, state, timers, mlog, stage_to)
         tel.write_manifest(root, digest, files)
         log.info("cloudmask %s  run %s  backend %s  devices: %s", __version__, run_dir.path, runtime.backend(),
@@ -149,14 +165,15 @@ def _run(cfg: Config, run_dir: RunDir, state: dict, mlog: MLPerfLog, tel: RunTel
                      source.method if source.method != "none" else f"none ({source.reason})")
 
         phase = state.get("phase", "training")
-        if phase == "training" and state.get("latest"):
-            model = train.load_checkpoint(run_dir / state["latest"])
-            log.info("resuming after epoch %d from %s", state["epochs_done"], state["latest"])
-        elif phase == "training":
-            model = model_lib.compile_model(model_lib.build_from_config(cfg), cfg.effective_learning_rate,
-                                            cfg.accumulation_steps, cfg.train.jit_compile)
-        else:
-            model = train.load_checkpoint(run_dir / MODEL)
+        with scope:  # variables are created (mirrored) inside the strategy's scope
+            if phase == "training" and state.get("latest"):
+                model = train.load_checkpoint(run_dir / state["latest"])
+                log.info("resuming after epoch %d from %s", state["epochs_done"], state["latest"])
+            elif phase == "training":
+                model = model_lib.compile_model(model_lib.build_from_config(cfg), cfg.effective_learning_rate,
+                                                cfg.accumulation_steps, cfg.train.jit_compile)
+            else:
+                model = train.load_checkpoint(run_dir / MODEL)
 
     if phase == "training" and meter.active and cfg.telemetry.idle_seconds > 0:
         with timers.phase("idle baseline"):
@@ -293,6 +310,8 @@ def build_results(cfg: Config, state: dict, history: list[dict], test: dict | No
         "best_val_loss": state.get("best_val_loss"),
         "restored_best_weights": state.get("restored_best_epoch") is not None,
         "attempts": state.get("attempts", 1),
+        "replicas": state.get("replicas", 1),
+        "strategy": state.get("strategy"),
         "staging": state.get("staging", []),
         "train": {k: last.get(k) for k in ("accuracy", "loss", "val_accuracy", "val_loss")},
         "history": {k: [row[k] for row in history] for k in ("loss", "accuracy", "val_loss", "val_accuracy")},

@@ -150,6 +150,8 @@ RULES: dict[str, Rule] = {
     "telemetry.interval_s": _float(0.001, 60.0),
     "telemetry.idle_seconds": _float(0.0, 3600.0),
     "telemetry.power_csv": _bool(),
+    "distribute.strategy": _choice("auto", "none", "mirrored"),
+    "distribute.cpu_devices": _int(2, 256, optional=True),
     "mlperf.benchmark": _choice("cloudmask"),
     "mlperf.org": _text(),
     "mlperf.division": _choice("auto", "closed", "open"),
@@ -456,6 +458,10 @@ class Config:
         if micro is not None and (micro > self.train.batch_size or self.train.batch_size % micro):
             raise ConfigError(f"{where}train.micro_batch_size={micro} must divide train.batch_size="
                               f"{self.train.batch_size}", "e.g. 8 or 16 for a batch of 32")
+        if self.distribute.strategy == "mirrored" and micro is not None:
+            raise ConfigError(f"{where}train.micro_batch_size={micro} (gradient accumulation) does not work with "
+                              "distribute.strategy=mirrored", "drop train.micro_batch_size: each replica already "
+                              "gets batch_size / replicas")
         if self.train.shuffle == "global" and not self.data.store:
             raise ConfigError(f"{where}train.shuffle=global needs a patch store (data.store)",
                               "prepare one with `cloudmask data prepare RAW STORE`, or use train.shuffle=window")
