@@ -240,11 +240,10 @@ def cmd_grid_submit(args) -> int:
 
 def _grid_states(path):
     from .experiments import task_states
-    from .slurm import queue_states
+    from .slurm import queue_of
 
     experiments = _grid_experiments(path)
-    jobs = sorted({str(s["array_job_id"]) for e in experiments for s in e.submissions()})
-    queue = queue_states(jobs)
+    queue = queue_of(experiments)
     return experiments, [st for e in experiments for st in task_states(e, queue)], queue is not None
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from . import fileio
 from .errors import CloudmaskError
 from .experiments import CONFIG, EXPERIMENT, RESULTS, Experiment, find_experiments, run_state, task_states
+from .slurm import queue_of
 from .tables import format_cell, markdown_table
 
 RUN_COLUMNS = ["experiment", "run", "status", "seed", "epochs_run", "train_accuracy", "test_accuracy",
@@ -74,8 +75,10 @@ def collect(dirs: list[str | os.PathLike]) -> Report:
             rows[name], histories[name] = _run_row(run, name)
             if (run / "power.csv").is_file():
                 power[name] = run / "power.csv"
-        for exp in find_experiments(root):
-            states = task_states(exp, _queue_for(exp))
+        experiments = find_experiments(root)
+        queue = queue_of(experiments)
+        for exp in experiments:
+            states = task_states(exp, queue)
             latest = {st.run_dir for st in states if st.run_dir is not None}
             for (job, task), run in exp.run_dirs().items():
                 name = run.resolve().relative_to(base).as_posix()
@@ -92,13 +95,6 @@ def collect(dirs: list[str | os.PathLike]) -> Report:
     ordered = [rows[k] for k in sorted(rows, key=lambda k: (rows[k]["experiment"], k))]
     return Report(ordered, summarise(ordered), {k: histories[k] for k in sorted(histories)},
                   {k: power[k] for k in sorted(power)})
-
-
-def _queue_for(exp: Experiment):
-    from .slurm import queue_states
-
-    jobs = sorted({str(s["array_job_id"]) for s in exp.submissions()})
-    return queue_states(jobs) if jobs else {}
 
 
 def _experiment_label(exp: Experiment, base: Path) -> str:

@@ -150,6 +150,12 @@ def submit(experiments: list[Experiment], tasks: dict[str, list[int]] | None, op
     return lines
 
 
+def queue_of(experiments: list[Experiment]) -> dict[str, str] | None:
+    """``queue_states`` of every array job submitted for these experiments, in one squeue call."""
+    jobs = sorted({str(s["array_job_id"]) for e in experiments for s in e.submissions()})
+    return queue_states(jobs)
+
+
 def queue_states(job_ids: list[str]) -> dict[str, str] | None:
     """{"<job>_<task>": state} of the given array jobs still known to squeue; None when squeue cannot answer."""
     if not job_ids:
