@@ -70,16 +70,21 @@ def job_records(env: dict, job: str) -> list[dict]:
     return [dict(kv.split("=", 1) for kv in line.split() if "=" in kv) for line in out.splitlines()]
 
 
-def wait_until_done(env: dict, *jobs: str, timeout: float = 420, on_pending=None) -> None:
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def wait_until_done(env: dict, *jobs: str, timeout: float = 420, on_pending=None, restarts: int = 0) -> None:
+    """Until every task of ``jobs`` is in a final state per the controller (squeue alone is not enough: a job
+    being requeued briefly leaves its listing), after at least ``restarts`` requeues of each."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        queued = sh(env, "squeue", "-h", "-r", "-o", "%i %T %r", "-j", ",".join(jobs))
-        if not queued:
+        records = [r for job in jobs for r in job_records(env, job)]
+        if all(r["JobState"] in TERMINAL and int(r["Restarts"]) >= restarts for r in records):
             return
         if on_pending:
-            on_pending(queued)
+            on_pending(sh(env, "squeue", "-h", "-r", "-o", "%i %T %r", "-j", ",".join(jobs)))
         time.sleep(1)
-    raise AssertionError(f"jobs {jobs} still queued after {timeout} s:\n{queued}")
+    raise AssertionError(f"jobs {jobs} not finished after {timeout} s:\n{records}")
 
 
 def results_of(run: Path) -> dict:
@@ -147,7 +152,7 @@ def test_usr1_checkpoints_requeues_and_resumes_the_same_run(cluster, dataset, tm
         if "BeginTime" in queued:
             sh(env, "scontrol", "update", f"jobid={job}_1", "StartTime=now")
 
-    wait_until_done(env, job, on_pending=release)
+    wait_until_done(env, job, on_pending=release, restarts=1)
     log = log_file.read_text()
     assert "received USR1" in log and f"requeued job {job}" in log, log
     assert "(restart 1): resuming" in log, log
