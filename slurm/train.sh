@@ -33,40 +33,24 @@
 #SBATCH --output=logs/%A_%a.out
 set -uo pipefail
 
-say() { echo "[train.sh $(date '+%F %T')] $*"; }
-die() { say "error: $*" >&2; exit 2; }
-
-submit_dir=${SLURM_SUBMIT_DIR:-$PWD}
+me=train.sh
+# sbatch runs a spooled copy of this script: lib.sh is sourced from the submitted original's directory
+job_script=$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')
+lib=$(dirname "$(echo "${job_script:-$0}" | head -n 1)")/lib.sh  # an array's first task lists every task
+# shellcheck source=slurm/lib.sh
+. "$lib" || { echo "[$me] error: $lib not found: submit the script from its checkout" >&2; exit 2; }
+common_settings
 job=${SLURM_ARRAY_JOB_ID:-${SLURM_JOB_ID:-local$$}}
 task=${SLURM_ARRAY_TASK_ID:-0}
-RESULTS_DIR=${RESULTS_DIR:-$submit_dir/results}
-EXPERIMENT=${EXPERIMENT:-default}
-BASE_SEED=${BASE_SEED:-0}
-CONTAINER=${CONTAINER:-apptainer}
-IMAGE=${IMAGE:-$submit_dir/cloudmask.sif}
-MAX_REQUEUES=${MAX_REQUEUES:-20}
-restarts=${SLURM_RESTART_COUNT:-0}
 
-[[ $BASE_SEED =~ ^-?[0-9]+$ ]] || die "BASE_SEED=$BASE_SEED is not an integer"
 seed=$((BASE_SEED + task))
 run_dir=$RESULTS_DIR/$EXPERIMENT/${job}_${task}
 mkdir -p "$RESULTS_DIR/$EXPERIMENT" || die "cannot create $RESULTS_DIR/$EXPERIMENT; set RESULTS_DIR"
 
-case $CONTAINER in
-    apptainer | singularity)
-        command -v "$CONTAINER" >/dev/null || die "$CONTAINER not found; load its module or set CONTAINER=none"
-        [ -f "$IMAGE" ] || die "IMAGE=$IMAGE not found; build it with scripts/build_sif.sh or set IMAGE"
-        binds=$RESULTS_DIR
-        [ -n "${DATA_DIR:-}" ] && binds+=,$DATA_DIR
-        [ -n "${CONFIG:-}" ] && binds+=,$(dirname "$CONFIG")
-        cloudmask=("$CONTAINER" run --nv --bind "$binds" "$IMAGE")
-        ;;
-    none)
-        command -v "${CLOUDMASK:-cloudmask}" >/dev/null || die "cloudmask not on PATH; activate its environment"
-        cloudmask=("${CLOUDMASK:-cloudmask}")
-        ;;
-    *) die "CONTAINER=$CONTAINER: use apptainer, singularity or none" ;;
-esac
+binds=("$RESULTS_DIR")
+[ -n "${DATA_DIR:-}" ] && binds+=("$DATA_DIR")
+[ -n "${CONFIG:-}" ] && binds+=("$(dirname "$CONFIG")")
+cloudmask_command "${binds[@]}"
 
 args=(train --out "$run_dir")
 if [ -f "$run_dir/config.yaml" ]; then
@@ -84,40 +68,8 @@ fi
 # shellcheck disable=SC2206  # EXTRA_ARGS is a word list by design
 [ -n "${EXTRA_ARGS:-}" ] && args+=($EXTRA_ARGS)
 
-# The signal reaches this shell only (B: in --signal); pass it on, then wait for the checkpoint to be written.
-child=""
-# shellcheck disable=SC2317  # called by the traps below
-forward() {
-    say "received $1: asking the run to checkpoint"
-    [ -n "$child" ] && kill -s "$1" "$child" 2>/dev/null
-}
-trap 'forward USR1' USR1
-trap 'forward TERM' TERM
-
 say "${cloudmask[*]} ${args[*]}"
-"${cloudmask[@]}" "${args[@]}" &
-child=$!
-while true; do
-    wait "$child"
-    rc=$?
-    kill -0 "$child" 2>/dev/null || break  # wait returned early because a trapped signal arrived
-done
+run_forwarding_signals "${cloudmask[@]}" "${args[@]}"
 say "cloudmask exited with $rc"
-
-# 138 = 128 + USR1, 143 = 128 + TERM: the run stopped cleanly at a checkpoint and can be continued.
-if [ "$rc" = 138 ] || [ "$rc" = 143 ]; then
-    state=$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | head -1)
-    if [ -z "${SLURM_JOB_ID:-}" ]; then
-        say "not a SLURM job: continue with: cloudmask train --resume --out $run_dir"
-    elif [ "$state" = JobState=CANCELLED ]; then
-        say "the job was cancelled: not requeued (continue later with --resume --out $run_dir)"
-    elif [ "$restarts" -ge "$MAX_REQUEUES" ]; then
-        say "already restarted $restarts times (MAX_REQUEUES): not requeued"
-    elif scontrol requeue "$SLURM_JOB_ID"; then
-        say "requeued job $SLURM_JOB_ID; the next start resumes $run_dir"
-        exit 0
-    else
-        say "scontrol requeue failed: continue with: cloudmask train --resume --out $run_dir"
-    fi
-fi
+requeue_if_checkpointed "$run_dir" "cloudmask train --resume --out $run_dir"
 exit "$rc"

@@ -50,3 +50,12 @@ def assert_clean_error(done: subprocess.CompletedProcess, *needles: str) -> None
     assert len(errors) == 1, done.stderr
     for needle in needles:
         assert needle in errors[0], errors[0]
+
+
+@pytest.fixture(scope="session")
+def store(dataset, tmp_path_factory) -> Path:
+    """A patch store of ``dataset`` (80 training, 20 validation patches, 2 test images), read-only for tests."""
+    out = tmp_path_factory.mktemp("store") / "store"
+    done = run_cli("data", "prepare", str(dataset), str(out))
+    assert done.returncode == 0, done.stderr
+    return out

@@ -205,3 +205,35 @@ def test_a_grid_with_a_failing_experiment(cluster, dataset, tmp_path):
     sbatch_lines = [ln for ln in again.stdout.splitlines() if "train.sh" in ln]
     assert len(sbatch_lines) == 1 and "EXPERIMENT=train_dir=-nonexistent-training" in sbatch_lines[0]
     assert "--array=1 " in sbatch_lines[0]
+
+
+def test_train_multinode_runs_two_srun_tasks_as_one_run(cluster, store, tmp_path):
+    """slurm/train_multinode.sh: `srun -n 2` starts two cooperating workers (TF_CONFIG made from SLURM's
+    variables) that train one model and write exactly one run directory."""
+    env = {**cluster, "DATA_STORE": str(store), "RESULTS_DIR": str(tmp_path / "results"), "EXPERIMENT": "mn",
+           "EXTRA_ARGS": TINY_ARGS + " --set infer.max_files=1 --set telemetry.idle_seconds=0", "TMPDIR": str(tmp_path)}
+    (tmp_path / "logs").mkdir()
+    job = sh(env, "sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-task=0",
+             "--cpus-per-task=1", "--mem=4G", str(REPO / "slurm" / "train_multinode.sh"), cwd=tmp_path)
+    wait_until_done(env, job)
+    log = (tmp_path / "logs" / f"{job}.out").read_text()  # #SBATCH --output=logs/%j.out
+    assert job_records(env, job)[0]["JobState"] == "COMPLETED", log
+    assert "srun -n 2 " in log and "worker 0 of 2 (SLURM, localhost:" in log and "worker 1 of 2 (SLURM" in log
+    exp = tmp_path / "results" / "mn"
+    assert [p.name for p in exp.iterdir()] == [f"{job}_0"]
+    r = results_of(exp / f"{job}_0")
+    assert (r["status"], r["strategy"], r["replicas"]) == ("success", "multi_worker", 2)
+    assert (r["distributed"]["source"], r["distributed"]["workers"], r["distributed"]["nodes"]) == ("SLURM", 2, 1)
+    assert [w["patches"] for w in r["distributed"]["per_worker"]] == [80, 80]  # 2 epochs x 10 steps x 4 each
+    assert run_cli("check-log", str(exp / f"{job}_0")).returncode == 0
+    assert not list(tmp_path.glob("cloudmask-worker*"))  # the second worker's scratch directory is removed
+
+
+def test_train_multinode_without_a_store_refuses_to_start(cluster, tmp_path):
+    env = {k: v for k, v in cluster.items() if k != "DATA_STORE"}
+    (tmp_path / "logs").mkdir()
+    job = sh(env, "sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-task=0",
+             "--cpus-per-task=1", "--mem=1G", str(REPO / "slurm" / "train_multinode.sh"), cwd=tmp_path)
+    wait_until_done(env, job)
+    assert job_records(env, job)[0]["JobState"] == "FAILED"
+    assert "DATA_STORE is not set" in (tmp_path / "logs" / f"{job}.out").read_text()

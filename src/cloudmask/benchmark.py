@@ -17,9 +17,9 @@ from mlperf_logging.mllog import constants as C
 from . import __version__, data, runtime
 from .config import Config, load_config
 from .errors import CloudmaskError, ConfigError, RunDirError
-from .experiments import MODEL, MLPERF_LOG, RunDir, attach_console_log, detach, setup_console
+from .experiments import MODEL, MLPERF_LOG, RunDir, attach_console_log, detach, quiet_console, setup_console
 from .mlperf import MLPerfLog, log_hyperparameters, log_submission
-from .telemetry import RunTelemetry, merge_energy, slurm_nodes
+from .telemetry import RunTelemetry, merge_energy
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +32,17 @@ def division(cfg: Config) -> str:
     return "closed" if not cfg.deviations() else "open"
 
 
-def platform_name(cfg: Config, gpus: list[str]) -> str:
+def platform_name(cfg: Config, gpus: list[str], nodes: int = 1) -> str:
     if cfg.mlperf.platform != "auto":
         return cfg.mlperf.platform
     device = f"{len(gpus)}x {gpus[0]}" if gpus else f"CPU {runtime.cpu_model()}"
-    return f"{socket.gethostname()}: {device}"
+    return f"{socket.gethostname()}: {device}" if nodes == 1 else f"{nodes} nodes like {socket.gethostname()}: {device}"
+
+
+def _nodes(state: dict) -> int:
+    """Nodes the run trains on: the workers' distinct hosts (one process uses one node, whatever the
+    allocation holds)."""
+    return state.get("topology", {}).get("nodes", 1)
 
 
 def _resume_config(run: RunDir, changes: dict | None) -> Config:
@@ -70,7 +76,11 @@ def run(cfg: Config | None, out: str | os.PathLike | None = None, resume: bool =
 
     When resuming, ``cfg`` is ignored: the run's saved config is used, and ``resume_changes``
     ({"config": file, "overrides": [...], "values": {...}}) must not change it. ``stage_to`` copies the dataset
-    there first (node-local disk); it is not part of the config because it differs per node, not per result."""
+    there first (node-local disk); it is not part of the config because it differs per node, not per result.
+
+    With distribute.strategy=multi_worker every worker calls this: worker 0 (the chief) owns the run directory;
+    the others write only into a scratch directory that is removed at the end, read checkpoints from the
+    chief's run directory (a shared file system) and hand their timings and energy to the chief."""
     runtime.quiet_tensorflow()
     setup_console()
     from .doctor import preflight
@@ -81,9 +91,18 @@ def run(cfg: Config | None, out: str | os.PathLike | None = None, resume: bool =
             raise RunDirError("--resume needs the run directory", "pass --out DIR of the run to continue")
         run_dir = RunDir.for_resume(out)
         cfg = _resume_config(run_dir, resume_changes)
-        state = run_dir.read_state() or {}
-    else:
-        assert cfg is not None
+    assert cfg is not None
+    cluster = None
+    if cfg.distribute.strategy == "multi_worker":
+        from . import distributed
+
+        cluster = distributed.connect(cfg)
+        if not cluster.is_chief:
+            quiet_console()  # the chief speaks for the run; the others only report problems
+
+    def open_run() -> tuple[RunDir | None, dict]:
+        if resume:
+            return run_dir, run_dir.read_state() or {}
         # fail on data problems before a run directory is created
         if cfg.data.store:
             from .store import open_store
@@ -91,15 +110,39 @@ def run(cfg: Config | None, out: str | os.PathLike | None = None, resume: bool =
             open_store(cfg.data.store, cfg)
         else:
             data.resolve_layout(cfg.data.root, cfg.data.train_dir, cfg.data.test_dir, need_test=cfg.infer.enabled)
-        run_dir = RunDir.create(out, cfg)
-        state = {}
+        return (RunDir.create(out, cfg) if cluster is None or cluster.is_chief else None), {}
+
+    scratch = shared = None
+    if cluster is None:
+        run_dir, state = open_run()
+    else:
+        opened, state = cluster.settle(open_run)
+        chief_run, state = cluster.exchange([str(opened.path), state] if cluster.is_chief else None)[0]
+        shared = Path(chief_run)
+        if cluster.is_chief:
+            run_dir = opened
+        else:
+            import tempfile
+
+            scratch = Path(tempfile.mkdtemp(prefix=f"cloudmask-worker{cluster.rank}-"))
+            run_dir = RunDir.create(scratch / "run", cfg)
+    try:
+        return _run_attempt(cfg, run_dir, state, stage_to, cluster, shared)
+    finally:
+        if scratch is not None:
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run_attempt(cfg: Config, run_dir: RunDir, state: dict, stage_to, cluster, shared: Path | None) -> dict:
     handler = attach_console_log(run_dir)
     mlog = MLPerfLog(run_dir / MLPERF_LOG)
     state["attempts"] = state.get("attempts", 0) + 1
     tel = RunTelemetry(cfg, run_dir.path, state["attempts"]).start()
     outcome: dict = {}
     try:
-        outcome = _run(cfg, run_dir, state, mlog, tel, stage_to)
+        outcome = _run(cfg, run_dir, state, mlog, tel, stage_to, cluster, shared)
         return outcome
     except CloudmaskError as e:
         log.error("run stopped: %s", e)
@@ -107,9 +150,17 @@ def run(cfg: Config | None, out: str | os.PathLike | None = None, resume: bool =
         raise
     finally:
         energy = tel.finish(log)
-        if outcome:  # success: the energy section joins the results written by _run
+        if outcome.get("worker_of") is not None:
+            pass  # a non-chief worker: its energy went to the chief, its run directory is scratch
+        elif outcome:  # success: the energy section joins the results written by _run
+            if cluster is not None and cluster.workers > 1:
+                from .distributed import combine_energy
+
+                energy = combine_energy([{**energy, "host": socket.gethostname()}] +
+                                        [r["energy"] for r in state.get("worker_reports", [])[1:]])
             outcome["energy"] = merge_energy(energy, state.get("energy_attempts", []),
-                                             train_history(run_dir, state))
+                                             train_history(run_dir, state),
+                                             per_epoch_from_history=cluster is None or cluster.workers == 1)
             run_dir.write_results(outcome)
         else:  # kept for the totals of the attempt that finishes the run
             state.setdefault("energy_attempts", []).append(energy)
@@ -125,8 +176,9 @@ def train_history(run_dir: RunDir, state: dict) -> list[dict]:
 
 
 def _run(cfg: Config, run_dir: RunDir, state: dict, mlog: MLPerfLog, tel: RunTelemetry,
-         stage_to: str | os.PathLike | None = None) -> dict:
-    resumed = bool(state.get("run_started"))  # the MLPerf init block is in the log already
+         stage_to: str | os.PathLike | None = None, cluster=None, shared: Path | None = None) -> dict:
+    resumed = bool(state.get("run_started"))
+    checkpoints = shared or run_dir.path  # a non-chief worker resumes from the chief's files  # the MLPerf init block is in the log already
     t_start = time.time()
     timers, meter = tel.timers, tel.meter
     with timers.phase("init"), meter.window("init"):
@@ -135,7 +187,7 @@ def _run(cfg: Config, run_dir: RunDir, state: dict, mlog: MLPerfLog, tel: RunTel
         from . import evaluate, model as model_lib, train  # the framework import is part of init
         for note in cfg.notes:
             log.info("note: %s", note)
-        scope, replicas, strategy = runtime.distribution(cfg)
+        scope, replicas, strategy = runtime.distribution(cfg, cluster)
         runtime.seed_everything(cfg.seed, cfg.train.deterministic)
         runtime.set_precision(cfg.train.precision)
         gpus = runtime.accelerators()
@@ -149,12 +201,15 @@ def _run(cfg: Config, run_dir: RunDir, state: dict, mlog: MLPerfLog, tel: RunTel
         if per_step % replicas:
             raise ConfigError(f"train.batch_size {per_step} (per step) does not split over {replicas} replicas",
                               f"use a multiple of {replicas}")
+        cfg = cfg.for_replicas(replicas)
         if replicas > 1:
             log.info("data parallel over %d replicas: global batch %d, %d per replica", replicas,
                      cfg.train.batch_size, cfg.train.batch_size // replicas)
         state["replicas"] = replicas
         state["strategy"] = strategy
-        td, test_source, naming, (root, digest, files) = _training_data(cfg, state, timers, mlog, stage_to)
+        state["global_batch_size"] = cfg.train.batch_size
+        shard = (cluster.rank, cluster.workers) if cluster else (0, 1)
+        td, test_source, naming, (root, digest, files) = _training_data(cfg, state, timers, mlog, stage_to, shard)
         tel.write_manifest(root, digest, files)
         log.info("cloudmask %s  run %s  backend %s  devices: %s", __version__, run_dir.path, runtime.backend(),
                  ", ".join(gpus) or "CPU")
@@ -167,13 +222,22 @@ def _run(cfg: Config, run_dir: RunDir, state: dict, mlog: MLPerfLog, tel: RunTel
         phase = state.get("phase", "training")
         with scope:  # variables are created (mirrored) inside the strategy's scope
             if phase == "training" and state.get("latest"):
-                model = train.load_checkpoint(run_dir / state["latest"])
+                model = train.load_checkpoint(checkpoints / state["latest"])
                 log.info("resuming after epoch %d from %s", state["epochs_done"], state["latest"])
             elif phase == "training":
                 model = model_lib.compile_model(model_lib.build_from_config(cfg), cfg.effective_learning_rate,
                                                 cfg.accumulation_steps, cfg.train.jit_compile)
             else:
-                model = train.load_checkpoint(run_dir / MODEL)
+                model = train.load_checkpoint(checkpoints / MODEL)
+            if cluster is not None and not model.optimizer.built:
+                model.optimizer.build(model.trainable_variables)  # its slots mirrored too, not made in a step
+        from .distributed import describe_workers
+
+        hosts = [{"host": socket.gethostname(), "devices": gpus}]
+        if cluster is not None:
+            hosts = cluster.exchange(hosts[0])
+        state["topology"] = {"source": cluster.source if cluster else "single",
+                             **describe_workers(hosts)}
 
     if phase == "training" and meter.active and cfg.telemetry.idle_seconds > 0:
         with timers.phase("idle baseline"):
@@ -182,10 +246,10 @@ def _run(cfg: Config, run_dir: RunDir, state: dict, mlog: MLPerfLog, tel: RunTel
             log.info("idle %s power: %s W", kind.upper(), ", ".join(f"{w:.1f}" for w in watts))
 
     if not resumed:
-        log_submission(mlog, cfg, platform_name(cfg, gpus), division(cfg))
+        log_submission(mlog, cfg, platform_name(cfg, gpus, state["topology"]["nodes"]), division(cfg))
         mlog.event(C.CACHE_CLEAR, False)  # the page cache is not dropped (needs root); logged honestly
-        log_hyperparameters(mlog, cfg, td.train_patches, td.val_patches, nodes=slurm_nodes(),
-                            accelerators_per_node=len(gpus))
+        log_hyperparameters(mlog, cfg, td.train_patches, td.val_patches, nodes=_nodes(state),
+                            accelerators_per_node=state["topology"]["accelerators_per_node"])
         mlog.end(C.INIT_STOP)
         mlog.start(C.RUN_START)
         state["run_started"] = True
@@ -195,13 +259,28 @@ def _run(cfg: Config, run_dir: RunDir, state: dict, mlog: MLPerfLog, tel: RunTel
     run_dir.write_state(state)
 
     fit_s = state.get("fit_s", 0.0)
+    worker = None
     if phase == "training":
         with timers.phase("train"):
-            fit_s = train.fit(cfg, run_dir, model, td, mlog, state,
-                              extra_callbacks=[train.PhaseTelemetry(meter, timers, mlog)]).fit_s
-            train.save_model(model, run_dir / MODEL)
+            fitted = train.fit(cfg, run_dir, model, td, mlog, state,
+                               extra_callbacks=[train.PhaseTelemetry(meter, timers, mlog)], cluster=cluster,
+                               checkpoints=checkpoints)
+            fit_s, worker = fitted.fit_s, fitted.worker
+            if cluster is None or cluster.is_chief:
+                train.save_model(model, run_dir / MODEL)
         state["phase"] = "inference" if cfg.infer.enabled else "done"
         run_dir.write_state(state)
+    if cluster is not None and cluster.workers > 1:
+        # every worker's share of the training, and its node's energy (measured up to here), to the chief
+        report = {"rank": cluster.rank, **hosts[cluster.rank], **(worker or {"train_s": None, "patches": None}),
+                  "energy": None}
+        if not cluster.is_chief:
+            meter.end("run")
+            report["energy"] = {**meter.summary(), "host": report["host"]}
+        state["worker_reports"] = cluster.exchange(report)
+        if not cluster.is_chief:
+            log.info("worker %d done; the chief writes the results", cluster.rank)
+            return {"worker_of": str(checkpoints), "rank": cluster.rank}
     history = train_history(run_dir, state)
 
     test = None
@@ -210,6 +289,8 @@ def _run(cfg: Config, run_dir: RunDir, state: dict, mlog: MLPerfLog, tel: RunTel
         if cfg.infer.max_files:
             test_files = test_files[: cfg.infer.max_files]
         epoch_num = state.get("epochs_done", 0)
+        if cluster is not None:  # predict() on the mirrored model would wait for the workers, which have left
+            model = train.load_checkpoint(run_dir / MODEL)
         mlog.start(C.EVAL_START, "inference", epoch_num=epoch_num)
         with timers.phase("inference"), meter.window("inference"):
             test = evaluate.evaluate(model, test_files, cfg, test_root, run_dir / "masks", load=load)
@@ -228,7 +309,7 @@ def _run(cfg: Config, run_dir: RunDir, state: dict, mlog: MLPerfLog, tel: RunTel
     return results
 
 
-def _training_data(cfg: Config, state: dict, timers, mlog: MLPerfLog, stage_to):
+def _training_data(cfg: Config, state: dict, timers, mlog: MLPerfLog, stage_to, shard: tuple[int, int] = (0, 1)):
     """(TrainData, (test root, test files, loader or None), layout name, (dataset root, manifest digest, file
     facts) for the manifest), from the raw files or a patch store, staged to ``stage_to`` first when given."""
     from . import train
@@ -241,7 +322,7 @@ def _training_data(cfg: Config, state: dict, timers, mlog: MLPerfLog, stage_to):
         if stage_to:
             path = _stage(timers, mlog, state, lambda: store_lib.stage(store_lib.open_store(path, cfg).path, stage_to))
         st = store_lib.open_store(path, cfg)
-        td = train.prepare_store_data(cfg, st, start_epoch=start)
+        td = train.prepare_store_data(cfg, st, start_epoch=start, shard=shard)
         facts = {"store": str(st.path), "source": st.meta["source"]["root"], "train_files": len(td.train_files),
                  "val_files": len(td.val_files)}
         return td, store_lib.test_loader(st), "patch store", (st.path, st.meta["source"].get("manifest_sha256"),
@@ -275,7 +356,7 @@ def _stage(timers, mlog: MLPerfLog, state: dict, stage):
 def _log_reference_lines(cfg, results, td, gpus) -> None:
     """The reference's two text-log lines (spec §6.2), for parsers written against it."""
     n_files = len(td.train_files) + len(td.val_files)
-    nodes = slurm_nodes()
+    nodes = results["distributed"]["nodes"]
     log.info("CloudMask training, samples = %d, epochs=%d, bs=%d, nodes=%d, gpus=%d, time_per_epoch=%.2f",
              n_files, results["epochs_run"], cfg.train.batch_size, nodes, len(gpus),
              results["timing"]["time_per_epoch_s"])
@@ -312,6 +393,8 @@ def build_results(cfg: Config, state: dict, history: list[dict], test: dict | No
         "attempts": state.get("attempts", 1),
         "replicas": state.get("replicas", 1),
         "strategy": state.get("strategy"),
+        "global_batch_size": state.get("global_batch_size", cfg.train.batch_size),
+        "distributed": distributed_section(state, td),
         "staging": state.get("staging", []),
         "train": {k: last.get(k) for k in ("accuracy", "loss", "val_accuracy", "val_loss")},
         "history": {k: [row[k] for row in history] for k in ("loss", "accuracy", "val_loss", "val_accuracy")},
@@ -338,6 +421,21 @@ def build_results(cfg: Config, state: dict, history: list[dict], test: dict | No
     }
 
 
+def distributed_section(state: dict, td) -> dict:
+    """Workers, nodes, accelerators per node; with several workers each one's training throughput."""
+    topology = state.get("topology", {"source": "single", "workers": 1, "nodes": 1, "accelerators_per_node": 0,
+                                      "hosts": [socket.gethostname()]})
+    out = dict(topology)
+    reports = [r for r in state.get("worker_reports", []) if r.get("train_s")]
+    if reports:
+        out["per_worker"] = [{"rank": r["rank"], "host": r["host"], "devices": r["devices"] or ["CPU"],
+                              "train_s": r["train_s"], "patches": r["patches"],
+                              "patches_per_s": r["patches"] / r["train_s"]} for r in reports]
+        # the global batch's patches per second: every worker fed its share of every step
+        out["total_patches_per_s"] = sum(r["patches"] for r in reports) / max(r["train_s"] for r in reports)
+    return out
+
+
 def reference_result(cfg: Config, results: dict, td, gpus: list[str]) -> dict:
     """The reference v1.2 ``result`` record (same field names), so existing log parsers keep working."""
     out = {
@@ -355,7 +453,7 @@ def reference_result(cfg: Config, results: dict, td, gpus: list[str]) -> dict:
         out["inference"] = {"avg_accuracy": results["test"]["avg_accuracy"],
                             "accuracy": [r["accuracy"] for r in results["test"]["per_file"]]}
         out["inference_analyze"] = {"number": results["test"]["files"], "bs": cfg.infer.batch_size,
-                                    "nodes": slurm_nodes(), "gpus": len(gpus),
+                                    "nodes": results["distributed"]["nodes"], "gpus": len(gpus),
                                     "time_per_inference": results["test"]["time_per_inference_s"]}
     return out
 
@@ -441,17 +539,33 @@ def throughput(cfg: Config, data_root: str | None, warmup: int, steps: int, as_j
 
     runtime.quiet_tensorflow()
     setup_console()
+    if as_json:
+        quiet_console()  # stdout carries the JSON alone
     if data_root is None and not (cfg.data.root or cfg.data.train_dir or cfg.data.store):
         data_root = str(synthetic_dataset(cfg))
     if data_root is not None:
         cfg = cfg.with_values({"data.root": str(data_root)}, "--data")
+    cluster = None
+    if cfg.distribute.strategy == "multi_worker":
+        from . import distributed
+
+        cluster = distributed.connect(cfg)
+        if not cluster.is_chief:
+            quiet_console()
+        cfg = cfg.for_replicas(cluster.replicas)
+        if cfg.train.batch_size % cluster.replicas:
+            raise ConfigError(f"train.batch_size {cfg.train.batch_size} does not split over {cluster.replicas} "
+                              "replicas", f"use a multiple of {cluster.replicas}")
     mlog = MLPerfLog(Path(os.devnull))  # no run, no MLPerf log
     try:
-        td, test_source, _, _ = _training_data(cfg, {"attempts": 1}, Timers(), mlog, None)
+        shard = (cluster.rank, cluster.workers) if cluster else (0, 1)
+        prepare = lambda: _training_data(cfg, {"attempts": 1}, Timers(), mlog, None, shard)  # noqa: E731
+        td, test_source, _, _ = cluster.settle(prepare) if cluster else prepare()
     finally:
         mlog.close()
-    result = tp.measure(cfg, td, test_source, warmup=warmup, steps=steps)
-    print(json.dumps(result, indent=2) if as_json else tp.table(result))
+    result = tp.measure(cfg, td, test_source, warmup=warmup, steps=steps, cluster=cluster)
+    if cluster is None or cluster.is_chief:
+        print(json.dumps(result, indent=2) if as_json else tp.table(result))
     return result
 
 

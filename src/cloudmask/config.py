@@ -150,8 +150,12 @@ RULES: dict[str, Rule] = {
     "telemetry.interval_s": _float(0.001, 60.0),
     "telemetry.idle_seconds": _float(0.0, 3600.0),
     "telemetry.power_csv": _bool(),
-    "distribute.strategy": _choice("auto", "none", "mirrored"),
+    "distribute.strategy": _choice("auto", "none", "mirrored", "multi_worker"),
     "distribute.cpu_devices": _int(2, 256, optional=True),
+    "distribute.per_replica_batch": _bool(),
+    "distribute.port": Rule("auto or 1024..65000", lambda v: None if v == "auto" or (
+        isinstance(v, int) and not isinstance(v, bool) and 1024 <= v <= 65000) else "must be auto or 1024..65000"),
+    "distribute.timeout_s": _float(1.0, 86_400.0),
     "mlperf.benchmark": _choice("cloudmask"),
     "mlperf.org": _text(),
     "mlperf.division": _choice("auto", "closed", "open"),
@@ -183,6 +187,7 @@ REFERENCE_VALUES: dict[str, Any] = {
     "train.precision": "fp32",
     "train.lr_scaling": "none",
     "infer.threshold": 0.5,
+    "distribute.per_replica_batch": False,
 }
 
 # --------------------------------------------------------------------------------------------------------------
@@ -430,6 +435,15 @@ class Config:
         cfg.validate()
         return cfg
 
+    def for_replicas(self, replicas: int) -> "Config":
+        """With distribute.per_replica_batch, train.batch_size is per replica: the config with it made global."""
+        if not self.distribute.per_replica_batch or replicas == 1:
+            return self
+        batch, micro = self.train.batch_size, self.train.micro_batch_size
+        return self.with_values({"train.batch_size": batch * replicas,
+                                 "train.micro_batch_size": None if micro == batch else micro},
+                                "distribute.per_replica_batch")
+
     def with_overrides(self, overrides: Iterable[str]) -> "Config":
         return self.with_values(dict(parse_override(item) for item in overrides))
 
@@ -458,10 +472,23 @@ class Config:
         if micro is not None and (micro > self.train.batch_size or self.train.batch_size % micro):
             raise ConfigError(f"{where}train.micro_batch_size={micro} must divide train.batch_size="
                               f"{self.train.batch_size}", "e.g. 8 or 16 for a batch of 32")
-        if self.distribute.strategy == "mirrored" and micro is not None:
+        accumulating = micro is not None and micro < self.train.batch_size
+        if self.distribute.strategy in ("mirrored", "multi_worker") and accumulating:
             raise ConfigError(f"{where}train.micro_batch_size={micro} (gradient accumulation) does not work with "
-                              "distribute.strategy=mirrored", "drop train.micro_batch_size: each replica already "
-                              "gets batch_size / replicas")
+                              f"distribute.strategy={self.distribute.strategy}", "set train.micro_batch_size=null: "
+                              "each replica already gets batch_size / replicas")
+        if self.distribute.strategy == "multi_worker":
+            if not self.data.store:
+                raise ConfigError(f"{where}distribute.strategy=multi_worker needs a patch store (data.store): each "
+                                  "worker reads only its rows of every batch from it",
+                                  "prepare one with `cloudmask data prepare RAW STORE` and pass --store STORE")
+            if self.data.resident != "none":
+                raise ConfigError(f"{where}data.resident={self.data.resident} with distribute.strategy=multi_worker "
+                                  "would load the whole split on every worker", "use data.resident=none: each "
+                                  "worker reads only its rows of every batch")
+            if self.train.jit_compile is True:
+                raise ConfigError(f"{where}train.jit_compile=true does not work with distribute.strategy="
+                                  "multi_worker (its training step is not XLA-compiled)", "use train.jit_compile=auto")
         if self.train.shuffle == "global" and not self.data.store:
             raise ConfigError(f"{where}train.shuffle=global needs a patch store (data.store)",
                               "prepare one with `cloudmask data prepare RAW STORE`, or use train.shuffle=window")

@@ -121,6 +121,13 @@ def setup_console() -> None:
     logger.setLevel(logging.INFO)
 
 
+def quiet_console() -> None:
+    """Only warnings and errors on stdout (a worker that is not the chief: every line would repeat the chief's)."""
+    for h in logging.getLogger("cloudmask").handlers:
+        if getattr(h, "_cloudmask_console", False):
+            h.setLevel(logging.WARNING)
+
+
 # --------------------------------------------------------------------------------------------- experiments
 #
 # An experiment directory groups the seeded repeats of one configuration (docs/slurm.md):

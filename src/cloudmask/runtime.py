@@ -43,15 +43,19 @@ def set_precision(precision: str) -> None:
     keras.mixed_precision.set_global_policy("float32" if precision == "fp32" else precision)
 
 
-def distribution(cfg):
-    """(context manager to build and compile the model in, number of replicas, strategy name or None):
-    one-node data parallelism.
+def distribution(cfg, cluster=None):
+    """(context manager to build and compile the model in, number of replicas, strategy name or None).
+
+    ``cluster`` (distributed.Cluster, for distribute.strategy=multi_worker): its MultiWorkerMirroredStrategy,
+    over every worker's devices. Otherwise one-node data parallelism:
 
     TensorFlow: MirroredStrategy over the visible GPUs (or ``distribute.cpu_devices`` logical CPUs), the global
     batch split evenly over the replicas and gradients all-reduced. JAX: keras.distribution.DataParallel over
     the GPUs. Must run before the framework creates its devices (first thing in a run)."""
     import contextlib
 
+    if cluster is not None:
+        return cluster.strategy.scope(), cluster.replicas, "multi_worker"
     mode, cpus = cfg.distribute.strategy, cfg.distribute.cpu_devices
     name = backend()
     if mode == "none" or name not in ("tensorflow", "jax"):

@@ -241,11 +241,15 @@ def window_order(n_files: int, per_file: int, batch_size: int, batches: int, see
 class StoreStream:
     """Endless (x float16, y float32) batches from a store split, ``steps`` per epoch: the same interface and,
     with ``order="window"``, the same patch order as pipeline.PatchStream on the raw files. ``order="global"``
-    draws a fresh permutation of all patches every epoch (a deliberate deviation: statistically better)."""
+    draws a fresh permutation of all patches every epoch (a deliberate deviation: statistically better).
+
+    ``shard=(index, count)``: one of ``count`` workers training together; every global batch is cut into
+    ``count`` equal row ranges and only range ``index`` is read, so the workers read disjoint rows and together
+    see exactly the batches one worker would."""
 
     def __init__(self, store: Store, split: str, batch_size: int, seed: int, shuffle: bool, order: str = "window",
                  window_files: int = 8, read_threads: int = 4, start_epoch: int = 0, micro_batches: int = 1,
-                 prefetch: int = 2, resident: str = "none"):
+                 prefetch: int = 2, resident: str = "none", shard: tuple[int, int] = (0, 1)):
         self.x, self.y = store.array(f"{split}_x"), store.array(f"{split}_y")
         self.per_file = _geometry(store.meta).patches_per_train_image
         self.n_files = len(store.files(split))
@@ -258,6 +262,7 @@ class StoreStream:
         self.error: DataError | None = None
         self.what = split
         self.resident = resident
+        self.shard = shard
         self._resident = None
         if resident in ("host", "device"):  # the whole split in RAM as float16 (18 GB for the full training set)
             self._resident = (self.x.read(np.arange(self.patches)), self.y.read(np.arange(self.patches)))
@@ -308,7 +313,7 @@ class StoreStream:
         micro = self.batch_size // self.micro_batches
         try:
             while True:
-                order = self.epoch_order(self.epoch).reshape(self.batches, self.batch_size)
+                order = self.epoch_order(self.epoch).reshape(self.batches, self.shard[1], -1)[:, self.shard[0]]
                 pending = [loader.submit(self._read, order[b]) for b in range(min(self.prefetch, self.batches))]
                 for b in range(self.batches):
                     x, y = pending.pop(0).result()

@@ -691,9 +691,6 @@ def finish_manifest(manifest: dict) -> dict:
 # ============================================================================================ run telemetry
 
 
-def slurm_nodes(environ=os.environ) -> int:
-    return int(environ.get("SLURM_NNODES", "1") or 1)
-
 
 class RunTelemetry:
     """Timers, energy meter and manifest of one attempt of a run, written into its run directory.
@@ -753,9 +750,10 @@ class RunTelemetry:
         return self.meter.summary()
 
 
-def merge_energy(current: dict, earlier: list[dict], history: list[dict]) -> dict:
+def merge_energy(current: dict, earlier: list[dict], history: list[dict], per_epoch_from_history: bool = True) -> dict:
     """results.json ``energy``: this attempt's detail, totals over all attempts, per-epoch GPU and CPU energy
-    from history.csv (which spans every attempt)."""
+    from history.csv (which spans every attempt; it holds the chief's node only, so a multi-worker run keeps
+    the per-epoch sums over every node of this attempt instead)."""
     out = json.loads(json.dumps(current))
     for kind, column in (("gpu", "energy_j"), ("cpu", "cpu_energy_j")):
         section = out.get(kind)
@@ -764,6 +762,7 @@ def merge_energy(current: dict, earlier: list[dict], history: list[dict]) -> dic
         for key in ("total_j", "above_idle_j"):
             values = [section.get(key)] + [e.get(kind, {}).get(key) for e in earlier]
             section[key] = None if any(v is None for v in values) else float(sum(values))
-        section["per_epoch_j"] = [row.get(column) for row in history]
+        if per_epoch_from_history:
+            section["per_epoch_j"] = [row.get(column) for row in history]
         section["attempts"] = 1 + len(earlier)
     return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import socket
 import time
 
 import numpy as np
@@ -62,10 +63,48 @@ def _time_stream(stream, warmup: int, steps: int) -> tuple[float, int]:
     return time.perf_counter() - t0, samples
 
 
-def measure(cfg, td, test_source, warmup: int = 3, steps: int = 20, test_images: int = 4) -> dict:
-    """Loader, training and inference throughput of ``cfg``'s model on ``td`` (TrainData) and the test images."""
+def _time_fit(model, stream, warmup: int, steps: int) -> float:
+    """Seconds of ``steps`` Keras training steps after ``warmup`` untimed ones."""
     import keras
 
+    class StepTimer(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == warmup - 1:
+                self.t0 = time.perf_counter()
+
+        def on_train_end(self, logs=None):
+            self.t1 = time.perf_counter()
+
+    timer = StepTimer()
+    model.fit(iter(stream), steps_per_epoch=warmup + steps, epochs=1, verbose=0, callbacks=[timer], shuffle=False)
+    return timer.t1 - timer.t0
+
+
+def _time_workers(cluster, cfg, stream, warmup: int, steps: int) -> float:
+    """Seconds of ``steps`` multi-worker training steps (every worker in step) after ``warmup`` untimed ones."""
+    from . import distributed, model as model_lib
+
+    with cluster.strategy.scope():
+        model = model_lib.compile_model(model_lib.build_from_config(cfg), cfg.effective_learning_rate, 1, False)
+        model.optimizer.build(model.trainable_variables)
+    train_step, _ = distributed.make_steps(cluster, model, cfg.train.batch_size, stream.x.shape[1:3])
+    it = iter(stream)
+    for _ in range(warmup):
+        train_step(*next(it))
+    cluster.allreduce([0.0])  # start the clock together
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        train_step(*next(it))
+    return time.perf_counter() - t0
+
+
+def measure(cfg, td, test_source, warmup: int = 3, steps: int = 20, test_images: int = 4, cluster=None) -> dict:
+    """Loader, training and inference throughput of ``cfg``'s model on ``td`` (TrainData) and the test images.
+
+    With ``cluster`` (several workers) each worker first trains alone on its rows of every batch (no
+    communication), then all train together; the weak-scaling efficiency is the joint rate over the sum of the
+    rates alone. Loader and inference are each worker's own; the chief's are reported, every worker's in
+    ``workers``."""
     from . import evaluate, model as model_lib, pipeline, preprocess
     from .preprocess import Geometry
 
@@ -78,20 +117,12 @@ def measure(cfg, td, test_source, warmup: int = 3, steps: int = 20, test_images:
     steps = min(steps, td.train_stream.steps * 10)
 
     loader_s, loader_n = _time_stream(td.train_stream, warmup, steps)
-
-    class StepTimer(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            if batch == warmup - 1:
-                self.t0 = time.perf_counter()
-
-        def on_train_end(self, logs=None):
-            self.t1 = time.perf_counter()
-
-    timer = StepTimer()
-    model.fit(iter(td.train_stream), steps_per_epoch=warmup + steps, epochs=1, verbose=0, callbacks=[timer],
-              shuffle=False)
     micro = cfg.train.micro_batch_size or cfg.train.batch_size
-    train_s, train_n = timer.t1 - timer.t0, steps * micro
+    workers = cluster.workers if cluster is not None else 1
+    alone_s = _time_fit(model, td.train_stream, warmup, steps)  # this worker's share of the batch when workers > 1
+    train_s, train_n = alone_s, steps * micro
+    if workers > 1:
+        train_s = _time_workers(cluster, cfg, td.train_stream, warmup, steps)
 
     g = Geometry.from_config(cfg)
     test_root, files, load = test_source
@@ -112,8 +143,21 @@ def measure(cfg, td, test_source, warmup: int = 3, steps: int = 20, test_images:
     peak = device_peak(devices[0], cfg.train.precision) if devices else None
     achieved = train_rate * 3 * fwd
     peak = peak * len(devices) if peak else None
+    scaling = None
+    if workers > 1:
+        share = train_n // workers
+        mine = {"rank": cluster.rank, "host": socket.gethostname(), "devices": devices or ["CPU"],
+                "alone_patches_per_s": share / alone_s, "joint_patches_per_s": share / train_s,
+                "loader_patches_per_s": loader_n / loader_s, "inference_images_per_s": len(images) / infer_s}
+        rows = cluster.exchange(mine)
+        alone_total = sum(r["alone_patches_per_s"] for r in rows)
+        scaling = {"workers": workers, "replicas": cluster.replicas, "per_worker_batch": cfg.train.batch_size // workers,
+                   "per_worker": rows, "alone_total_patches_per_s": alone_total,
+                   "weak_scaling_efficiency": train_rate / alone_total}
+        peak = None  # the devices of one worker, not of the cluster
     return {
         "mode": "throughput",
+        "workers": scaling,
         "backend": runtime.backend(),
         "devices": devices or ["CPU"],
         "precision": cfg.train.precision,
@@ -157,4 +201,11 @@ def table(r: dict) -> str:
             ["achieved", fmt(r["achieved_tflops"], " TFLOP/s")],
             ["utilisation of peak", "-" if r["utilisation"] is None else f"{100 * r['utilisation']:.1f} %"],
             ["peak RSS", fmt(r["peak_rss_gib"], " GiB")]]
+    w = r.get("workers")
+    if w:
+        rows[5:6] = [["training, all workers", fmt(r["train_patches_per_s"], " patches/s")],
+                     *[[f"  worker {x['rank']} ({x['host']})", f"{fmt(x['joint_patches_per_s'], ' patches/s')} "
+                        f"(alone {fmt(x['alone_patches_per_s'])})"] for x in w["per_worker"]],
+                     ["weak-scaling efficiency", f"{100 * w['weak_scaling_efficiency']:.1f} % of "
+                                                 f"{fmt(w['alone_total_patches_per_s'])} alone"]]
     return text_table([f"throughput ({r['warmup_steps']} warm-up + {r['timed_steps']} timed steps)", ""], rows)

@@ -25,6 +25,7 @@ import keras
 from mlperf_logging.mllog import constants as C
 
 from . import data, fileio, pipeline
+from .distributed import StopTraining
 from .errors import CloudmaskError, RunDirError
 from .experiments import HISTORY, RunDir
 from .preprocess import Geometry
@@ -79,12 +80,13 @@ def prepare_data(cfg, train_dir: Path, start_epoch: int = 0) -> TrainData:
     return TrainData(train_files, val_files, train_stream, val_stream)
 
 
-def prepare_store_data(cfg, st, start_epoch: int = 0) -> TrainData:
-    """The two streams over a patch store (already split and screened when it was prepared)."""
+def prepare_store_data(cfg, st, start_epoch: int = 0, shard: tuple[int, int] = (0, 1)) -> TrainData:
+    """The two streams over a patch store (already split and screened when it was prepared); ``shard``: this
+    worker's (index, count) when several train together (each reads only its rows of every batch)."""
     from .store import StoreStream
 
     common = dict(batch_size=cfg.train.batch_size, seed=cfg.seed, read_threads=max(2, cfg.data.read_threads),
-                  micro_batches=cfg.accumulation_steps, resident=cfg.data.resident)
+                  micro_batches=cfg.accumulation_steps, resident=cfg.data.resident, shard=shard)
     train_stream = StoreStream(st, "train", shuffle=True, order=cfg.train.shuffle,
                                window_files=cfg.train.shuffle_buffer_files, start_epoch=start_epoch, **common)
     val_stream = StoreStream(st, "val", shuffle=False, **common)
@@ -271,14 +273,10 @@ class Interrupter(keras.callbacks.Callback):
 
     def _check(self, batch=None, logs=None):
         if self.signum is not None:
-            raise _Stop()
+            raise StopTraining()
 
     on_train_batch_end = _check
     on_test_batch_end = _check
-
-
-class _Stop(Exception):
-    pass
 
 
 # --------------------------------------------------------------------------------------------------- fit
@@ -299,11 +297,17 @@ class FitOutcome:
     stopped_early: bool
     fit_s: float
     callbacks: list = field(default_factory=list)
+    worker: dict | None = None  # multi-worker: this worker's time in training steps and patches fed
 
 
 def fit(cfg, run: RunDir, model: keras.Model, td: TrainData, mlog, state: dict,
-        extra_callbacks: list | None = None) -> FitOutcome:
-    """Train from ``state['epochs_done']`` to ``cfg.train.epochs``; ``state`` is updated and committed per epoch."""
+        extra_callbacks: list | None = None, cluster=None, checkpoints: Path | None = None) -> FitOutcome:
+    """Train from ``state['epochs_done']`` to ``cfg.train.epochs``; ``state`` is updated and committed per epoch.
+
+    ``cluster`` (distributed.Cluster): train as one of several workers with the multi-worker loop; only the
+    chief checkpoints. ``checkpoints``: the run directory checkpoints are read from when it is not ``run``
+    (a non-chief worker writes into a scratch directory but resumes from the chief's files)."""
+    chief = cluster is None or cluster.is_chief
     history = read_history(run)[: state.get("epochs_done", 0)]
     start = state.get("epochs_done", 0)
     recorder = EpochRecorder(run, mlog, td.train_stream.batches * cfg.train.batch_size, history, cfg.train.epochs)
@@ -311,26 +315,46 @@ def fit(cfg, run: RunDir, model: keras.Model, td: TrainData, mlog, state: dict,
     if cfg.train.early_stopping.enabled:
         es_cfg = cfg.train.early_stopping
         es = ResumableEarlyStopping(restored=state.get("early_stopping"),
-                                    best_weights_file=run / state["best"] if state.get("best") else None,
+                                    best_weights_file=(checkpoints or run.path) / state["best"]
+                                    if state.get("best") else None,
                                     patience=es_cfg.patience, min_delta=es_cfg.min_delta,
                                     restore_best_weights=es_cfg.restore_best_weights)
     interrupter = Interrupter()
     extra_callbacks = list(extra_callbacks or [])
     recorder.extra_columns = [cb.columns for cb in extra_callbacks if hasattr(cb, "columns")]
-    callbacks = [*extra_callbacks, recorder, *([es] if es else []), Checkpointer(run, state, es), interrupter]
+    callbacks = [*extra_callbacks, recorder, *([es] if es else []),
+                 *([Checkpointer(run, state, es)] if chief else [])]
     verbose = cfg.train.verbose
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 0
     t0 = time.perf_counter()
+    worker = None
     interrupter.install()
     try:
-        model.fit(iter(td.train_stream), steps_per_epoch=td.train_stream.steps, epochs=cfg.train.epochs,
-                  initial_epoch=start, validation_data=iter(td.val_stream), validation_steps=td.val_stream.steps,
-                  callbacks=callbacks, verbose=verbose, shuffle=False)
-    except _Stop:
+        if cluster is None:
+            model.fit(iter(td.train_stream), steps_per_epoch=td.train_stream.steps, epochs=cfg.train.epochs,
+                      initial_epoch=start, validation_data=iter(td.val_stream), validation_steps=td.val_stream.steps,
+                      callbacks=[*callbacks, interrupter], verbose=verbose, shuffle=False)
+        else:
+            from . import distributed
+
+            listed = keras.callbacks.CallbackList(callbacks, add_progbar=bool(verbose) and chief, model=model,
+                                                  verbose=verbose, epochs=cfg.train.epochs,
+                                                  steps=td.train_stream.steps)
+            loop = distributed.fit(cluster, model, td.train_stream, td.val_stream, listed, cfg.train.epochs, start,
+                                   cfg.train.batch_size, lambda: interrupter.signum is not None)
+            worker = {"train_s": loop.train_s, "patches": loop.samples}
+            if not chief:  # the chief's Checkpointer keeps the count; the others follow the loop
+                state["epochs_done"] = loop.epochs_done
+            if loop.stopped:
+                raise StopTraining()
+    except StopTraining:
         state["fit_s"] = state.get("fit_s", 0.0) + time.perf_counter() - t0
-        run.write_state(state)
-        raise TrainingInterrupted(interrupter.signum, state.get("epochs_done", 0), run.path) from None
+        if chief:
+            run.write_state(state)
+        # a worker that got no signal itself stops because another did (SLURM signals all of a step's tasks)
+        raise TrainingInterrupted(interrupter.signum or signal.SIGTERM, state.get("epochs_done", 0),
+                                  (checkpoints or run.path)) from None
     except Exception:
         # tf.data and Keras re-wrap an exception raised in the input generator; surface the original DataError
         for stream in (td.train_stream, td.val_stream):
@@ -344,4 +368,4 @@ def fit(cfg, run: RunDir, model: keras.Model, td: TrainData, mlog, state: dict,
     if es is not None and es.restore_best_weights and state.get("best"):
         # Keras restores the best weights in memory at train end; say so in the results
         state["restored_best_epoch"] = state.get("best_epoch")
-    return FitOutcome(history, len(history), bool(state.get("stopped_early")), state["fit_s"], callbacks)
+    return FitOutcome(history, len(history), bool(state.get("stopped_early")), state["fit_s"], callbacks, worker)
