@@ -253,3 +253,10 @@ def test_nodes_and_accelerators_per_node_come_from_the_workers():
     assert distributed.describe_workers(reports) == {"workers": 4, "nodes": 2, "accelerators_per_node": 2,
                                                      "hosts": ["a", "b"]}
     assert distributed.describe_workers([{"host": "a", "devices": []}])["accelerators_per_node"] == 0
+
+
+def test_multi_worker_needs_the_tensorflow_backend(monkeypatch):
+    monkeypatch.setattr("cloudmask.runtime.backend", lambda: "jax")
+    cfg = load_config(overrides=["distribute.strategy=multi_worker", "data.store=/s"])
+    with pytest.raises(ConfigError, match="needs the TensorFlow backend"):
+        distributed.connect(cfg, environ={})

@@ -100,22 +100,27 @@ def run(cfg: Config | None, out: str | os.PathLike | None = None, resume: bool =
         if not cluster.is_chief:
             quiet_console()  # the chief speaks for the run; the others only report problems
 
-    def open_run() -> tuple[RunDir | None, dict]:
+    def check_data() -> None:  # data problems are found before a run directory is created
         if resume:
-            return run_dir, run_dir.read_state() or {}
-        # fail on data problems before a run directory is created
+            return
         if cfg.data.store:
             from .store import open_store
 
             open_store(cfg.data.store, cfg)
         else:
             data.resolve_layout(cfg.data.root, cfg.data.train_dir, cfg.data.test_dir, need_test=cfg.infer.enabled)
+
+    def open_run() -> tuple[RunDir | None, dict]:
+        if resume:
+            return run_dir, run_dir.read_state() or {}
         return (RunDir.create(out, cfg) if cluster is None or cluster.is_chief else None), {}
 
     scratch = shared = None
     if cluster is None:
+        check_data()
         run_dir, state = open_run()
-    else:
+    else:  # every worker must see the data before the chief creates the run directory
+        cluster.settle(check_data)
         opened, state = cluster.settle(open_run)
         chief_run, state = cluster.exchange([str(opened.path), state] if cluster.is_chief else None)[0]
         shared = Path(chief_run)

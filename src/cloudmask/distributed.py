@@ -190,6 +190,12 @@ def lost_contact(error) -> CloudmaskError:
 def connect(cfg, environ=os.environ) -> Cluster:
     """The cluster this process belongs to, with the strategy started. Must run before TensorFlow creates its
     devices (first thing in a run)."""
+    from .runtime import backend
+
+    if backend() != "tensorflow":
+        raise ConfigError(f"distribute.strategy=multi_worker needs the TensorFlow backend (KERAS_BACKEND is "
+                          f"{backend()})", "set KERAS_BACKEND=tensorflow, or train on one node with "
+                          "distribute.strategy=auto")
     source = "TF_CONFIG"
     text = environ.get("TF_CONFIG")
     if text:
