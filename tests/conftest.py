@@ -53,7 +53,7 @@ def assert_clean_error(done: subprocess.CompletedProcess, *needles: str) -> None
 
 
 @pytest.fixture(scope="session")
-def store(dataset, tmp_path_factory) -> Path:
+def prepared(dataset, tmp_path_factory) -> Path:
     """A patch store of ``dataset`` (80 training, 20 validation patches, 2 test images), read-only for tests."""
     out = tmp_path_factory.mktemp("store") / "store"
     done = run_cli("data", "prepare", str(dataset), str(out))

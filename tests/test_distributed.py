@@ -59,17 +59,17 @@ def results(run: Path) -> dict:
     return json.loads((run / "results.json").read_text())
 
 
-def test_two_workers_follow_one_worker_and_keras_fit(store, tmp_path):
+def test_two_workers_follow_one_worker_and_keras_fit(prepared, tmp_path):
     """The must-hold: 2 workers (each reading half of every global batch of 8) train the tiny model along the
     trajectory of 1 worker with the same global batch, and of plain Keras fit, within TOLERANCE."""
     runs = {}
     for name, n in (("one", 1), ("two", 2)):
         (tmp_path / name).mkdir()
-        done = workers(n, "train", "--store", str(store), "--out", str(tmp_path / name / "run"),
+        done = workers(n, "train", "--store", str(prepared), "--out", str(tmp_path / name / "run"),
                        tmp=tmp_path / name)
         assert done.returncode == 0, done.stdout + done.stderr
         runs[name] = results(tmp_path / name / "run")
-    plain = run_cli("train", "--store", str(store), "--out", str(tmp_path / "plain"),
+    plain = run_cli("train", "--store", str(prepared), "--out", str(tmp_path / "plain"),
                     *(a for kv in SETS[:-1] for a in ("--set", kv)))
     assert plain.returncode == 0, plain.stderr
     runs["plain"] = results(tmp_path / "plain")
@@ -98,10 +98,10 @@ def test_two_workers_follow_one_worker_and_keras_fit(store, tmp_path):
     assert "worker 1 of 2" in (tmp_path / "two" / "logs" / "worker-1.log").read_text()
 
 
-def test_a_signal_to_one_worker_stops_both_at_the_same_step_and_the_run_resumes(store, tmp_path):
+def test_a_signal_to_one_worker_stops_both_at_the_same_step_and_the_run_resumes(prepared, tmp_path):
     run = tmp_path / "run"
     sets = [*SETS, "train.epochs=4", "infer.enabled=false"]
-    proc = workers(2, "train", "--store", str(store), "--out", str(run), tmp=tmp_path, sets=sets, wait=False)
+    proc = workers(2, "train", "--store", str(prepared), "--out", str(run), tmp=tmp_path, sets=sets, wait=False)
     history = run / "history.csv"
     deadline = time.monotonic() + 300
     while not (history.is_file() and len(history.read_text().splitlines()) >= 2):  # epoch 1 done
@@ -130,17 +130,17 @@ def test_a_signal_to_one_worker_stops_both_at_the_same_step_and_the_run_resumes(
     assert f"resuming after epoch {state['epochs_done']}" in done.stdout
 
 
-def test_a_failure_on_the_chief_stops_every_worker_with_its_message(store, tmp_path):
+def test_a_failure_on_the_chief_stops_every_worker_with_its_message(prepared, tmp_path):
     (tmp_path / "taken").mkdir()
-    done = workers(2, "train", "--store", str(store), "--out", str(tmp_path / "taken"), tmp=tmp_path)
+    done = workers(2, "train", "--store", str(prepared), "--out", str(tmp_path / "taken"), tmp=tmp_path)
     assert_clean_error(done, "run directory already exists")
     worker1 = (tmp_path / "logs" / "worker-1.log").read_text()
     assert "cloudmask: error: worker 0 stopped:" in worker1 and "run directory already exists" in worker1
     assert "Traceback" not in worker1
 
 
-def test_throughput_reports_every_worker_and_the_weak_scaling_efficiency(store, tmp_path):
-    done = workers(2, "bench", "--mode", "throughput", "--store", str(store), "--warmup", "1", "--steps", "3",
+def test_throughput_reports_every_worker_and_the_weak_scaling_efficiency(prepared, tmp_path):
+    done = workers(2, "bench", "--mode", "throughput", "--store", str(prepared), "--warmup", "1", "--steps", "3",
                    "--json", tmp=tmp_path, sets=[*TINY, "train.batch_size=4", "train.micro_batch_size=null",
                                                  "distribute.strategy=multi_worker",
                                                  "distribute.per_replica_batch=true"])
@@ -197,8 +197,8 @@ def test_a_bad_tf_config_is_named(text, needle):
         distributed.read_tf_config(text)
 
 
-def test_a_bad_tf_config_is_a_clean_error_from_the_cli(store, tmp_path):
-    done = run_cli("train", "--store", str(store), "--out", str(tmp_path / "r"), "--set",
+def test_a_bad_tf_config_is_a_clean_error_from_the_cli(prepared, tmp_path):
+    done = run_cli("train", "--store", str(prepared), "--out", str(tmp_path / "r"), "--set",
                    "distribute.strategy=multi_worker", env={"TF_CONFIG": '{"cluster": {"worker": ["a:1"]}, '
                                                                          '"task": {"type": "worker", "index": 2}}'})
     assert_clean_error(done, "TF_CONFIG task.index=2")

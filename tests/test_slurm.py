@@ -207,10 +207,10 @@ def test_a_grid_with_a_failing_experiment(cluster, dataset, tmp_path):
     assert "--array=1 " in sbatch_lines[0]
 
 
-def test_train_multinode_runs_two_srun_tasks_as_one_run(cluster, store, tmp_path):
+def test_train_multinode_runs_two_srun_tasks_as_one_run(cluster, prepared, tmp_path):
     """slurm/train_multinode.sh: `srun -n 2` starts two cooperating workers (TF_CONFIG made from SLURM's
     variables) that train one model and write exactly one run directory."""
-    env = {**cluster, "DATA_STORE": str(store), "RESULTS_DIR": str(tmp_path / "results"), "EXPERIMENT": "mn",
+    env = {**cluster, "DATA_STORE": str(prepared), "RESULTS_DIR": str(tmp_path / "results"), "EXPERIMENT": "mn",
            "EXTRA_ARGS": TINY_ARGS + " --set infer.max_files=1 --set telemetry.idle_seconds=0", "TMPDIR": str(tmp_path)}
     (tmp_path / "logs").mkdir()
     job = sh(env, "sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-task=0",

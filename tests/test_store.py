@@ -17,14 +17,6 @@ from conftest import TINY, assert_clean_error, run_cli
 F16_ABS = 4 * 2.0 ** -11
 
 
-@pytest.fixture(scope="module")
-def prepared(dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("store") / "s"
-    done = run_cli("data", "prepare", str(dataset), str(out))
-    assert done.returncode == 0, done.stderr
-    return out
-
-
 def test_store_layout_and_metadata(prepared, dataset):
     meta = json.loads((prepared / "store.json").read_text())
     files = data.find_files(dataset / "training")
