@@ -691,7 +691,6 @@ def finish_manifest(manifest: dict) -> dict:
 # ============================================================================================ run telemetry
 
 
-
 class RunTelemetry:
     """Timers, energy meter and manifest of one attempt of a run, written into its run directory.
 
