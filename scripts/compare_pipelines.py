@@ -2,7 +2,8 @@
 
     python scripts/compare_pipelines.py [--files 4 8 16] [--work DIR] [--json]
 
-reference  the MLCommons reference's tf.data pipeline (docs/reference-spec.md §2.2): shuffled file list ->
+reference  the MLCommons reference's tf.data pipeline (mlcommons/science benchmarks/cloudmask/data_loader.py,
+           v1.1 at 30f2c3f; docs/dataset.md describes the patch geometry): shuffled file list ->
            interleave(from_generator over HDF5, cycle 2, 2 parallel calls) -> map(crop + extract_patches) ->
            unbatch -> cache() in RAM -> prefetch -> shuffle(32) -> batch(32)
 store      this project's: `cloudmask data prepare` once, then StoreStream (window order, pread threads)

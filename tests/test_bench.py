@@ -2,7 +2,7 @@
 
 import json
 
-from cloudmask import benchmark
+from cloudmask import synth
 from cloudmask.config import load_config
 from conftest import run_cli
 
@@ -35,9 +35,9 @@ def test_bench_end_to_end_beats_the_majority_baseline(tmp_path):
 
 def test_synthetic_bench_data_is_made_once_and_reused(tmp_path):
     cfg = load_config("bench", [f"bench.cache_dir={tmp_path}", "bench.train_files=2", "bench.test_files=1"])
-    first = benchmark.synthetic_dataset(cfg)
+    first = synth.synthetic_dataset(cfg)
     stamp = {p: p.stat().st_mtime_ns for p in first.rglob("*.hdf")}
     assert len(stamp) == 3
-    assert benchmark.synthetic_dataset(cfg) == first
+    assert synth.synthetic_dataset(cfg) == first
     assert {p: p.stat().st_mtime_ns for p in first.rglob("*.hdf")} == stamp
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary build directory left"

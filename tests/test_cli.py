@@ -52,3 +52,16 @@ def test_config_show_prints_a_loadable_resolved_config(tmp_path):
     (tmp_path / "c.yaml").write_text(done.stdout)
     again = run_cli("config", "show", "--config", str(tmp_path / "c.yaml"))
     assert again.stdout == done.stdout and "epochs: 4" in done.stdout
+
+
+def test_the_command_line_and_the_run_modes_start_without_the_framework():
+    # report, doctor, data and --help must work fast and where TensorFlow is broken: the framework is
+    # imported by session._framework() when a run starts, never at import time
+    import subprocess
+    import sys
+
+    modules = "cloudmask.cli, cloudmask.commands, cloudmask.benchmark, cloudmask.session, cloudmask.report"
+    code = (f"import sys, {modules}; cloudmask.cli.build_parser(); "
+            "print(sorted(m for m in ('tensorflow', 'keras', 'jax') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

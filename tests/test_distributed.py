@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cloudmask import distributed
+from cloudmask import cluster, energy
 from cloudmask.config import load_config
 from cloudmask.errors import ConfigError
 from conftest import TINY, assert_clean_error, run_cli
@@ -163,26 +163,26 @@ def test_slurm_tasks_become_a_tf_config_in_block_order():
     hosts = lambda nodelist: ["n1", "n2", "n3"]  # noqa: E731  (scontrol show hostnames n[1-3])
     env = {"SLURM_STEP_NUM_TASKS": "5", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURMD_NODENAME": "n2",
            "SLURM_STEP_NODELIST": "n[1-3]", "SLURM_STEP_TASKS_PER_NODE": "2(x2),1", "SLURM_JOB_ID": "7"}
-    assert distributed.slurm_tf_config(cfg, env, hostnames=hosts) == {
+    assert cluster.slurm_tf_config(cfg, env, hostnames=hosts) == {
         "cluster": {"worker": ["n1:25000", "n1:25001", "n2:25000", "n2:25001", "n3:25000"]},
         "task": {"type": "worker", "index": 3}}
-    auto = distributed.slurm_tf_config(load_config(), env, hostnames=hosts)
+    auto = cluster.slurm_tf_config(load_config(), env, hostnames=hosts)
     assert auto["cluster"]["worker"][:2] == ["n1:20056", "n1:20057"]  # 20000 + (job 7 % 4000) * 8
     with pytest.raises(ConfigError, match="--distribution=block"):  # rank 3 as n2's first task: cyclic order
-        distributed.slurm_tf_config(cfg, {**env, "SLURM_LOCALID": "0"}, hostnames=hosts)
+        cluster.slurm_tf_config(cfg, {**env, "SLURM_LOCALID": "0"}, hostnames=hosts)
     with pytest.raises(ConfigError, match="does not add up"):
-        distributed.slurm_tf_config(cfg, {**env, "SLURM_STEP_NUM_TASKS": "6"}, hostnames=hosts)
-    assert distributed.slurm_tf_config(cfg, {**env, "SLURM_STEP_NUM_TASKS": "1"}, hostnames=hosts) is None
-    assert distributed.slurm_tf_config(cfg, {}, hostnames=hosts) is None
+        cluster.slurm_tf_config(cfg, {**env, "SLURM_STEP_NUM_TASKS": "6"}, hostnames=hosts)
+    assert cluster.slurm_tf_config(cfg, {**env, "SLURM_STEP_NUM_TASKS": "1"}, hostnames=hosts) is None
+    assert cluster.slurm_tf_config(cfg, {}, hostnames=hosts) is None
 
 
 def test_tasks_per_node_reads_slurms_compressed_counts():
-    assert distributed.tasks_per_node("2(x3),1", 4) == [2, 2, 2, 1]
-    assert distributed.tasks_per_node("4", 1) == [4]
+    assert cluster.tasks_per_node("2(x3),1", 4) == [2, 2, 2, 1]
+    assert cluster.tasks_per_node("4", 1) == [4]
     with pytest.raises(ConfigError, match="names 2 nodes, the step has 3"):
-        distributed.tasks_per_node("1(x2)", 3)
+        cluster.tasks_per_node("1(x2)", 3)
     with pytest.raises(ConfigError, match="cannot be read"):
-        distributed.tasks_per_node("two", 1)
+        cluster.tasks_per_node("two", 1)
 
 
 @pytest.mark.parametrize("text, needle", [
@@ -194,7 +194,7 @@ def test_tasks_per_node_reads_slurms_compressed_counts():
 ])
 def test_a_bad_tf_config_is_named(text, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
-        distributed.read_tf_config(text)
+        cluster.read_tf_config(text)
 
 
 def test_a_bad_tf_config_is_a_clean_error_from_the_cli(prepared, tmp_path):
@@ -238,25 +238,25 @@ def test_energy_of_every_node_is_combined_and_a_shared_device_counted_once():
     a = {"host": "a", "gpu": section((0, "GPU-a0", 10.0, [4.0, 5.0]), (1, "GPU-a1", 20.0, [8.0, 9.0])), "cpu": none}
     a_again = {"host": "a", "gpu": section((0, "GPU-a0", 11.0, [4.0, 5.0])), "cpu": none}  # same node, same GPU
     b = {"host": "b", "gpu": section((0, "GPU-b0", 30.0, [1.0, 2.0])), "cpu": none}
-    out = distributed.combine_energy([a, a_again, b, None])
+    out = energy.combine_energy([a, a_again, b, None])
     gpu = out["gpu"]
     assert out["workers"] == 3 and gpu["nodes"] == 2
     assert [(d["host"], d["uuid"]) for d in gpu["devices"]] == [("a", "GPU-a0"), ("a", "GPU-a1"), ("b", "GPU-b0")]
     assert gpu["total_j"] == 60.0 and gpu["per_epoch_j"] == [13.0, 16.0] and gpu["above_idle_j"] is None
     assert out["cpu"]["method"] == "none"
-    assert distributed.combine_energy([None]) is None
+    assert energy.combine_energy([None]) is None
 
 
 def test_nodes_and_accelerators_per_node_come_from_the_workers():
     reports = [{"host": "a", "devices": ["H100"]}, {"host": "a", "devices": ["H100"]},
                {"host": "b", "devices": ["H100"]}, {"host": "b", "devices": ["H100"]}]
-    assert distributed.describe_workers(reports) == {"workers": 4, "nodes": 2, "accelerators_per_node": 2,
+    assert cluster.describe_workers(reports) == {"workers": 4, "nodes": 2, "accelerators_per_node": 2,
                                                      "hosts": ["a", "b"]}
-    assert distributed.describe_workers([{"host": "a", "devices": []}])["accelerators_per_node"] == 0
+    assert cluster.describe_workers([{"host": "a", "devices": []}])["accelerators_per_node"] == 0
 
 
 def test_multi_worker_needs_the_tensorflow_backend(monkeypatch):
     monkeypatch.setattr("cloudmask.runtime.backend", lambda: "jax")
     cfg = load_config(overrides=["distribute.strategy=multi_worker", "data.store=/s"])
     with pytest.raises(ConfigError, match="needs the TensorFlow backend"):
-        distributed.connect(cfg, environ={})
+        cluster.connect(cfg, environ={})

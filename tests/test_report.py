@@ -17,13 +17,21 @@ def test_describe_known_values():
     s = describe([3.0, 1.0, 5.0, 2.0, 4.0])
     assert s["n"] == 5 and s["mean"] == 3.0 and s["min"] == 1.0 and s["max"] == 5.0
     assert s["std"] == pytest.approx(math.sqrt(2.5))
-    half = 2.776 * math.sqrt(2.5) / math.sqrt(5)  # Student t, 4 degrees of freedom
+    half = 2.7764451 * math.sqrt(2.5) / math.sqrt(5)  # Student t, 4 degrees of freedom (tables: 2.776)
     assert (s["ci95_low"], s["ci95_high"]) == (pytest.approx(3 - half), pytest.approx(3 + half))
     assert s["olympic_mean"] == 3.0
     assert describe([1.0, 2.0, 3.0, 10.0])["olympic_mean"] == 2.5
     two = describe([1.0, 2.0])
     assert two["olympic_mean"] is None and two["std"] == pytest.approx(math.sqrt(0.5))
     assert describe([7.0])["std"] is None and describe([])["n"] == 0
+
+
+def test_confidence_intervals_use_exact_t_quantiles_at_any_n():
+    # 41 repeats: 40 degrees of freedom, t = 2.0210754 (a normal 1.96 would understate the interval by 3 %)
+    values = [float(i % 2) for i in range(41)]
+    s = describe(values)
+    half = 2.0210754 * s["std"] / math.sqrt(41)
+    assert (s["ci95_low"], s["ci95_high"]) == (pytest.approx(s["mean"] - half), pytest.approx(s["mean"] + half))
 
 
 def _fake_run(path, seed, acc, epoch_s, status="success", energy=None):

@@ -5,8 +5,10 @@ import time
 
 import pytest
 
-from cloudmask import telemetry
-from cloudmask.telemetry import EnergyMeter, NvmlGpus, RaplPackages, Timers
+from cloudmask import energy_sources
+from cloudmask.energy import EnergyMeter
+from cloudmask.energy_sources import NvmlGpus, RaplPackages
+from cloudmask.timers import Timers
 from fake_nvml import FakeGpu, FakeNvml, ramp, two_gpus
 
 
@@ -49,7 +51,7 @@ def test_stopping_an_outer_phase_closes_inner_ones_and_csv_keeps_earlier_attempt
     again = Timers(attempt=2)
     with again.phase("run"):
         pass
-    again.write_csv(path, telemetry.read_timers_csv(path))
+    again.write_csv(path)
     rows = list(csv.DictReader(open(path)))
     assert [(r["attempt"], r["name"]) for r in rows] == [("1", "run"), ("1", "run/train"), ("2", "run")]
 
@@ -218,7 +220,7 @@ def test_a_run_with_a_fake_gpu_records_energy_everywhere(dataset, tmp_path, monk
     from conftest import TINY, run_cli
 
     fake = two_gpus(counter=True)
-    monkeypatch.setattr(telemetry, "_load_nvml", lambda: fake)
+    monkeypatch.setattr(energy_sources, "_load_nvml", lambda: fake)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     out = tmp_path / "run"
     cfg = load_config(overrides=[*TINY, f"data.root={dataset}", "telemetry.idle_seconds=0.2",

@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
+from . import reference_config
+from .distribution import DATA_PARALLEL, check_batch
 from .errors import ConfigError
 
 # --------------------------------------------------------------------------------------------------------------
@@ -191,78 +193,6 @@ REFERENCE_VALUES: dict[str, Any] = {
 }
 
 # --------------------------------------------------------------------------------------------------------------
-# The reference's flat cloudMaskConfig.yaml (S1) and config.yaml (S2)
-
-_REFERENCE_MAP = {
-    "organisation": "mlperf.org",
-    "platform": "mlperf.platform",
-    "train_dir": "data.train_dir",
-    "inference_dir": "data.test_dir",
-    "PATCH_SIZE": "image.patch_size",
-    "IMAGE_H": "image.height",
-    "IMAGE_W": "image.width",
-    "CROP_SIZE": "image.overlap",
-    "seed": "seed",
-    "learning_rate": "train.learning_rate",
-    "epochs": "train.epochs",
-    "batch_size": "train.batch_size",
-    "train_split": "data.train_split",
-}
-_REFERENCE_UNUSED = {
-    "benchmark": "the benchmark is always logged as 'cloudmask'",
-    "accelerators_per_node": "measured from the visible devices, not configured",
-    "nodes": "measured, not configured",
-    "gpu": "measured from the visible devices, not configured",
-    "model_file": "models are written inside the run directory",
-    "output_dir": "masks are written inside the run directory",
-    "log_file": "logs are written inside the run directory",
-    "mlperf_logfile": "the MLPerf log is <run>/mlperf.log",
-    "MIN_SST": "unused by the reference too",
-    "clip_offset": "unused by the reference too",
-    "no_cache": "the streaming input pipeline never caches the dataset in RAM",
-    "experiment": "sweeps are described by `cloudmask grid` files",
-    "system": "host facts are recorded in manifest.json",
-}
-_REFERENCE_FIXED = {"N_CHANNELS": 9, "training_loss": "binary_crossentropy", "training_metrics": "accuracy"}
-
-
-def is_reference_format(raw: dict) -> bool:
-    known_here = set(_defaults())
-    return any(k not in known_here and (k in _REFERENCE_MAP or k in _REFERENCE_UNUSED or k in _REFERENCE_FIXED)
-               for k in raw)
-
-
-def from_reference(raw: dict, source: str) -> tuple[dict, list[str]]:
-    """Map a reference flat config onto this schema; return (nested overrides, notes for the user)."""
-    nested: dict = {}
-    notes: list[str] = []
-    for key, value in raw.items():
-        if key in _REFERENCE_MAP:
-            _set_dotted(nested, _REFERENCE_MAP[key], value)
-        elif key in ("division", "status"):
-            allowed = ("closed", "open") if key == "division" else ("cloud", "onprem", "preview", "research")
-            if value in allowed:
-                _set_dotted(nested, f"mlperf.{key}", value)
-            else:
-                notes.append(f"{key}: {value!r} is not an MLPerf {key} ({', '.join(allowed)}); using the default")
-        elif key == "submission" and isinstance(value, dict):
-            for sub, target in (("org", "mlperf.org"), ("platform", "mlperf.platform")):
-                if value.get(sub):
-                    _set_dotted(nested, target, value[sub])
-            notes.append("submission: org and platform mapped; the other fields are ignored")
-        elif key in _REFERENCE_FIXED:
-            if value != _REFERENCE_FIXED[key]:
-                raise ConfigError(f"{source}: {key}={value!r} is not supported",
-                                  f"this benchmark fixes {key}={_REFERENCE_FIXED[key]!r}")
-        elif key in _REFERENCE_UNUSED:
-            notes.append(f"{key}: ignored ({_REFERENCE_UNUSED[key]})")
-        else:
-            raise ConfigError(f"{source}: unknown key '{key}'",
-                              "use this project's schema (`cloudmask config show`) or the reference's flat keys")
-    return nested, notes
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Loading
 
 
@@ -334,18 +264,21 @@ def _merge(base: dict, update: dict, source: str, prefix: str = "") -> None:
             base[key] = value
 
 
-def _flat_keys(tree: dict, prefix: str = "") -> Iterable[str]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value} of every leaf of a config tree."""
+    out: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            yield from _flat_keys(value, f"{prefix}{key}.")
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
-            yield f"{prefix}{key}"
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _suggest(key: str) -> str:
     import difflib
 
-    close = difflib.get_close_matches(key.rstrip("."), list(_flat_keys(_defaults())), n=3, cutoff=0.5)
+    close = difflib.get_close_matches(key.rstrip("."), list(flatten(_defaults())), n=3, cutoff=0.5)
     return f"did you mean {' or '.join(close)}?" if close else "see `cloudmask config show` for every key"
 
 
@@ -372,8 +305,11 @@ def load_config(config_file: str | None = None, overrides: Iterable[str] = (),
         _merge(tree, base, "built-in settings")
     if config_file:
         raw, source = _read_yaml(config_file)
-        if is_reference_format(raw):
-            raw, notes = from_reference(raw, source)
+        if reference_config.is_reference_format(raw, set(tree)):
+            mapped, notes = reference_config.from_reference(raw, source)
+            raw = {}
+            for key, value in mapped.items():
+                _set_dotted(raw, key, value)
             notes = [f"{source}: reference config mapped; {n}" for n in notes]
         _merge(tree, raw, source)
     cfg = Config(tree, notes)
@@ -448,17 +384,18 @@ class Config:
         return self.with_values(dict(parse_override(item) for item in overrides))
 
     def validate(self, source: str | None = None) -> None:
-        for key in _flat_keys(self._tree):
+        for key, value in flatten(self._tree).items():
             rule = RULES.get(key)
             if rule is None:  # a key in default.yaml without a rule is a bug, not a user error
                 raise RuntimeError(f"no validation rule for config key {key}")
-            problem = rule.check(self[key])
+            problem = rule.check(value)
             if problem:
                 where = f"{source}: " if source else ""
-                raise ConfigError(f"{where}{key}={self[key]!r} {problem}", f"expected {rule.describe}")
-        self._check_geometry(source)
+                raise ConfigError(f"{where}{key}={value!r} {problem}", f"expected {rule.describe}")
+        self._check_combinations(source)
 
-    def _check_geometry(self, source: str | None) -> None:
+    def _check_combinations(self, source: str | None) -> None:
+        """Keys that are valid alone but not together."""
         img = self.image
         where = f"{source}: " if source else ""
         if img.overlap % 2:
@@ -468,15 +405,9 @@ class Config:
             raise ConfigError(f"{where}image.overlap={img.overlap} must be smaller than image.patch_size")
         if img.patch_size > min(img.height, img.width):
             raise ConfigError(f"{where}image.patch_size={img.patch_size} exceeds the image size")
-        micro = self.train.micro_batch_size
-        if micro is not None and (micro > self.train.batch_size or self.train.batch_size % micro):
-            raise ConfigError(f"{where}train.micro_batch_size={micro} must divide train.batch_size="
-                              f"{self.train.batch_size}", "e.g. 8 or 16 for a batch of 32")
-        accumulating = micro is not None and micro < self.train.batch_size
-        if self.distribute.strategy in ("mirrored", "multi_worker") and accumulating:
-            raise ConfigError(f"{where}train.micro_batch_size={micro} (gradient accumulation) does not work with "
-                              f"distribute.strategy={self.distribute.strategy}", "set train.micro_batch_size=null: "
-                              "each replica already gets batch_size / replicas")
+        strategy = self.distribute.strategy
+        check_batch(self.train.batch_size, self.train.micro_batch_size,
+                    strategy if strategy in DATA_PARALLEL else None, where=where)
         if self.distribute.strategy == "multi_worker":
             if not self.data.store:
                 raise ConfigError(f"{where}distribute.strategy=multi_worker needs a patch store (data.store): each "

@@ -10,10 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
+from . import __version__, data, runtime
+from .errors import DataError
+from .provenance import SLURM_VARS, container_context, framework_context, gpu_context
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +41,6 @@ def _fmt_bytes(n: float) -> str:
 
 
 def check_backend() -> list[Check]:
-    from . import runtime
-    from .telemetry import framework_context
-
     try:
         runtime.quiet_tensorflow()
         name = runtime.backend()
@@ -62,8 +62,6 @@ def check_backend() -> list[Check]:
 
 
 def check_nvml(nvml=None) -> list[Check]:
-    from .telemetry import gpu_context
-
     ctx = gpu_context(nvml)
     if not ctx["available"]:
         reason = ctx.get("reason") or "unknown"
@@ -104,9 +102,6 @@ def check_disk(results: str | os.PathLike) -> list[Check]:
 
 
 def check_data(root: str | None, full: bool = False) -> list[Check]:
-    from . import data
-    from .errors import DataError
-
     if not root:
         return [Check("dataset", "info", "none given (--data DIR); `cloudmask bench` uses synthetic data")]
     try:
@@ -137,8 +132,6 @@ def check_data(root: str | None, full: bool = False) -> list[Check]:
 
 
 def check_context() -> list[Check]:
-    from .telemetry import SLURM_VARS, container_context
-
     c = container_context()
     image = c.get("image") or c.get("image_label") or "-"
     out = [Check("container", "info", "none" if c["runtime"] == "none" else f"{c['runtime']}, image {image}")]
@@ -160,8 +153,6 @@ def run_checks(data_root: str | None, results: str, full: bool = False, nvml=Non
 
 def table(checks: list[Check], width: int = 78) -> str:
     """A fixed-width table; long details wrap under their own column."""
-    import textwrap
-
     name_w = max(len(c.name) for c in checks)
     lines = ["cloudmask doctor", f"{'check'.ljust(name_w)}  status  detail", f"{'-' * name_w}  ------  {'-' * 40}"]
     for c in checks:

@@ -12,16 +12,38 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import h5py
 import numpy as np
 
-from . import fileio, pipeline, preprocess
+from . import fileio, preprocess
 from .errors import DataError
 from .preprocess import Geometry
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class TestImages:
+    """The test files to score: ``load(path)`` -> (63 test patches float32, full-size uint8 label (H, W)),
+    from the raw files (pipeline.py) or a patch store (store.py); ``root`` names them in the results."""
+
+    __test__ = False  # not a pytest test class
+
+    root: Path
+    files: list[Path]
+    load: Callable[[Path], tuple]
+
+    def first(self, count: int | None) -> "TestImages":
+        return TestImages(self.root, self.files[:count] if count else list(self.files), self.load)
+
+    def in_memory(self) -> "TestImages":
+        """The same images loaded now, so that scoring them times the model path alone."""
+        loaded = {path: self.load(path) for path in self.files}
+        return TestImages(self.root, list(self.files), loaded.__getitem__)
 
 
 def _read_ahead(files, load, workers: int, depth: int):
@@ -70,9 +92,8 @@ def score(predicted: np.ndarray, truth: np.ndarray) -> dict:
             "predicted_cloud_fraction": (tp + fp) / p.size, "tp": tp, "fp": fp, "fn": fn, "tn": tn}
 
 
-def evaluate(model, files: list[Path], cfg, test_dir: Path, masks_dir: Path | None, load=None) -> dict:
-    """Score ``model`` on ``files``; returns the ``test`` section of results.json plus timing. ``load(path)``
-    -> (test patches, label) replaces reading the raw file (a patch store)."""
+def evaluate(model, images: TestImages, cfg, masks_dir: Path | None) -> dict:
+    """Score ``model`` on ``images``; returns the ``test`` section of results.json plus timing."""
     geometry = Geometry.from_config(cfg)
     infer = cfg.infer
     threshold = infer.threshold
@@ -81,18 +102,13 @@ def evaluate(model, files: list[Path], cfg, test_dir: Path, masks_dir: Path | No
     if masks_dir is not None:
         masks_dir.mkdir(exist_ok=True)
 
-    def load_raw(path):
-        return pipeline.load_test_image(path, geometry, cfg.data.normalisation, cfg.data.min_finite_fraction)
-
-    load = load or load_raw
-
     def flush(group):
         batch = np.concatenate([g[1][0] for g in group])
         probs = model.predict(batch, batch_size=infer.batch_size, verbose=0)
         for k, (path, (_, label)) in enumerate(group):
             probability = preprocess.stitch(np.asarray(probs[k * n_patch:(k + 1) * n_patch]), geometry)[..., 0]
             predicted = probability > threshold
-            result = {"file": path.relative_to(test_dir).as_posix(), **score(predicted, label)}
+            result = {"file": path.relative_to(images.root).as_posix(), **score(predicted, label)}
             per_file.append(result)
             if masks_dir is not None and infer.save_masks:
                 write_mask(masks_dir / (path.stem + ".h5"), probability, predicted, path, result["accuracy"],
@@ -100,7 +116,7 @@ def evaluate(model, files: list[Path], cfg, test_dir: Path, masks_dir: Path | No
 
     t0 = time.perf_counter()
     group = []
-    for path, loaded in _read_ahead(files, load, cfg.data.read_threads, infer.images_per_call):
+    for path, loaded in _read_ahead(images.files, images.load, cfg.data.read_threads, infer.images_per_call):
         if isinstance(loaded, DataError):
             if not cfg.data.skip_bad:
                 raise loaded
@@ -114,6 +130,10 @@ def evaluate(model, files: list[Path], cfg, test_dir: Path, masks_dir: Path | No
     if group:
         flush(group)
     inference_s = time.perf_counter() - t0
+    return _summary(per_file, skipped, threshold, inference_s)
+
+
+def _summary(per_file: list[dict], skipped: list[dict], threshold: float, inference_s: float) -> dict:
     if not per_file:
         raise DataError("no test file could be scored", "check the test set with `cloudmask data verify`")
     accuracies = [r["accuracy"] for r in per_file]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +20,7 @@ from mlperf_logging.mllog.mllog import MLLogger
 from mlperf_logging.mllog import constants as C
 
 from .errors import CloudmaskError
+from .runtime import cpu_model
 
 RULESET = "cloudmask_1.0.0.yaml"
 # HPC keys that mllog.constants does not define
@@ -52,6 +54,21 @@ class MLPerfLog:
     def close(self):
         self._handler.close()
         self._logger.removeHandler(self._handler)
+
+
+def division(cfg) -> str:
+    """closed when every setting is at its reference value (mlperf.division=auto), else open."""
+    if cfg.mlperf.division != "auto":
+        return cfg.mlperf.division
+    return "closed" if not cfg.deviations() else "open"
+
+
+def platform_name(cfg, devices: list[str], nodes: int = 1) -> str:
+    if cfg.mlperf.platform != "auto":
+        return cfg.mlperf.platform
+    device = f"{len(devices)}x {devices[0]}" if devices else f"CPU {cpu_model()}"
+    host = socket.gethostname()
+    return f"{host}: {device}" if nodes == 1 else f"{nodes} nodes like {host}: {device}"
 
 
 def log_submission(log: MLPerfLog, cfg, platform: str, division: str) -> None:

@@ -1,21 +1,15 @@
-"""Streaming input pipeline over the raw HDF5 files, backend-neutral (plain numpy batches; Keras wraps it in
-tf.data with prefetching on the TensorFlow backend).
+"""The raw HDF5 files as a patch source: header screening, reading and normalising one file as the reference
+does, and ``PatchStream``, the batch stream (batches.py, backend-neutral numpy batches) over them.
 
 Memory is bounded by the shuffle window (``train.shuffle_buffer_files`` files of patches) plus the files being
 read ahead, whatever the number of files: the reference instead caches every patch in RAM (~51 GB).
-
-Order: every epoch permutes the file order with a generator seeded by (seed, epoch), reads the files in windows,
-and shuffles the patches of each window together; so the order changes every epoch (the reference's cache
-replays the first epoch's order) and is the same on every run with the same seed, also after ``--resume``.
-Each epoch yields exactly ``steps`` batches (the remainder is dropped, as the reference's
-``drop_remainder=True``); validation batches are the same, in file order, every epoch.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import itertools
 import logging
+from collections import deque
 from pathlib import Path
 from typing import Iterator
 
@@ -23,7 +17,9 @@ import h5py
 import numpy as np
 
 from . import data, preprocess
+from .batches import BatchOrder, BatchStream, PatchReader
 from .errors import DataError
+from .evaluate import TestImages
 from .preprocess import Geometry
 
 log = logging.getLogger(__name__)
@@ -74,57 +70,22 @@ def screen_files(files: list[Path], geometry: Geometry, skip_bad: bool, what: st
     return good
 
 
-class PatchStream:
-    """Endless iterator of (x float32 (b,P,P,9), y float32 (b,P,P,1)) batches, ``steps`` per epoch.
+class RawFiles:
+    """The training patches of a list of HDF5 files, ``per_file`` of each, loaded a whole file at a time. A file
+    that turns out to be bad is remembered in ``bad`` (with ``skip_bad``; otherwise its DataError is raised)."""
 
-    With ``micro_batches`` = k > 1 every batch of ``batch_size`` is yielded as k consecutive slices (for gradient
-    accumulation): the sequence of patches is the same as without, and ``steps`` counts the slices.
-    """
-
-    def __init__(self, files: list[Path], geometry: Geometry, normalisation: str, batch_size: int, seed: int,
-                 shuffle: bool, window_files: int = 8, read_threads: int = 2, min_finite_fraction: float = 0.5,
-                 skip_bad: bool = False, start_epoch: int = 0, what: str = "training", micro_batches: int = 1):
+    def __init__(self, files: list[Path], geometry: Geometry, normalisation: str, read_threads: int = 2,
+                 min_finite_fraction: float = 0.5, skip_bad: bool = False, what: str = "training"):
         self.files = list(files)
-        self.geometry = geometry
-        self.normalisation = normalisation
-        self.batch_size = batch_size
-        self.seed = seed
-        self.shuffle = shuffle
-        self.window_files = window_files if shuffle else 1
-        self.read_threads = read_threads
-        self.min_finite_fraction = min_finite_fraction
-        self.skip_bad = skip_bad
-        self.epoch = start_epoch
+        self.geometry, self.normalisation = geometry, normalisation
+        self.read_threads, self.min_finite_fraction, self.skip_bad = read_threads, min_finite_fraction, skip_bad
         self.what = what
+        self.per_file, self.patch = geometry.patches_per_train_image, geometry.patch
         self.bad: dict[Path, str] = {}
-        self.error: DataError | None = None  # kept: Keras/tf.data re-wrap exceptions raised inside generators
-        self.micro_batches = micro_batches
-        self.patches = len(self.files) * geometry.patches_per_train_image
-        self.batches = self.patches // batch_size
-        self.steps = self.batches * micro_batches
-        if self.batches == 0:
-            raise DataError(f"{len(self.files)} {what} file(s) give {self.patches} patches, fewer than one batch of "
-                            f"{batch_size}", "add files, or lower train.batch_size")
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        pool = concurrent.futures.ThreadPoolExecutor(self.read_threads, thread_name_prefix=f"read-{self.what}")
-        try:
-            while True:
-                yield from self._epoch(pool, self.epoch)
-                self.epoch += 1
-        except DataError as e:
-            self.error = e
-            raise
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
-
-    def file_order(self, epoch: int) -> list[Path]:
-        if not self.shuffle:
-            return list(self.files)
-        rng = np.random.default_rng([self.seed, epoch])
-        return [self.files[i] for i in rng.permutation(len(self.files))]
-
-    def _load(self, path: Path):
+    def load(self, index: int):
+        """(patches, labels) of file ``index``, or None for a bad file when bad files are skipped."""
+        path = self.files[index]
         if path in self.bad:
             return None
         try:
@@ -136,47 +97,85 @@ class PatchStream:
             log.warning("skipping bad %s file: %s", self.what, e)
             return None
 
-    def _epoch(self, pool, epoch: int):
-        order = self.file_order(epoch)
-        n = len(order)
-        # One pass over the epoch's files; only if files were skipped as bad does the epoch continue into a
-        # second pass, so that it still yields its full number of steps.
-        loads = (pool.submit(self._load, p) for p in itertools.chain(order, itertools.cycle(order)))
-        pending = list(itertools.islice(loads, self.read_threads + 1))
-        rng = np.random.default_rng([self.seed, epoch, 1])
-        carry_x = carry_y = None
-        produced = consumed = 0
-        while produced < self.batches:
-            if len(self.bad) == n:
-                raise DataError(f"every {self.what} file is bad", "check the dataset with `cloudmask data verify`")
-            want = self.window_files if consumed >= n else min(self.window_files, n - consumed)
-            window = []
-            taken = 0
-            while taken < want:
-                result = pending.pop(0).result()
-                pending.append(next(loads))
-                consumed += 1
-                taken += 1
-                if result is not None:
-                    window.append(result)
-            if not window:
-                continue
-            xs = [w[0] for w in window] + ([carry_x] if carry_x is not None else [])
-            ys = [w[1] for w in window] + ([carry_y] if carry_y is not None else [])
-            x, y = np.concatenate(xs), np.concatenate(ys)
-            if self.shuffle:
-                perm = rng.permutation(len(x))
-                x, y = x[perm], y[perm]
-            n_full = min(len(x) // self.batch_size, self.batches - produced)
-            micro = self.batch_size // self.micro_batches
-            for b in range(n_full * self.micro_batches):
-                sl = slice(b * micro, (b + 1) * micro)
-                yield x[sl], y[sl].astype(np.float32)
-            produced += n_full
-            rest = slice(n_full * self.batch_size, None)
-            carry_x, carry_y = (x[rest], y[rest]) if len(x[rest]) else (None, None)
-        for fut in pending:
-            fut.cancel()
+    def reader(self) -> "_RawReader":
+        return _RawReader(self)
+
+
+class _RawReader(PatchReader):
+    """Reads the epoch's files ``read_threads`` at a time ahead of the batch order, and keeps the loaded files
+    whose patches are still to be served."""
+
+    def __init__(self, source: RawFiles):
+        self.source = source
+        self.pool = concurrent.futures.ThreadPoolExecutor(source.read_threads,
+                                                          thread_name_prefix=f"read-{source.what}")
+        self.pending: deque = deque()
+        self.loaded: dict[int, tuple] = {}
+        self.files: Iterator[int] = iter(())
+
+    def start_epoch(self, files: Iterator[int]) -> None:
+        self._cancel()
+        self.loaded.clear()
+        self.files = files
+        for _ in range(self.source.read_threads + 1):
+            self._submit()
+
+    def _submit(self) -> None:
+        index = next(self.files)
+        self.pending.append((index, self.pool.submit(self.source.load, index)))
+
+    def usable(self, file: int) -> bool:
+        index, future = self.pending.popleft()
+        assert index == file, (index, file)  # the batch order asks in the order of file_sequence
+        self._submit()
+        result = future.result()
+        if result is not None:
+            self.loaded[file] = result
+        return result is not None
+
+    def read(self, patches: np.ndarray):
+        per = self.source.per_file
+        first_x, first_y = self.loaded[int(patches[0]) // per]
+        x = np.empty((len(patches), *first_x.shape[1:]), first_x.dtype)
+        y = np.empty((len(patches), *first_y.shape[1:]), np.float32)
+        for k, p in enumerate(patches):
+            fx, fy = self.loaded[int(p) // per]
+            x[k], y[k] = fx[p % per], fy[p % per]
+        return x, y
+
+    def release(self, keep: set[int]) -> None:
+        for file in [f for f in self.loaded if f not in keep]:
+            del self.loaded[file]
+
+    def _cancel(self) -> None:
+        while self.pending:
+            self.pending.popleft()[1].cancel()
+
+    def close(self) -> None:
+        self._cancel()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class PatchStream(BatchStream):
+    """Endless (x float32 (b,P,P,9), y float32 (b,P,P,1)) batches of raw HDF5 files in the batch order."""
+
+    def __init__(self, files: list[Path], geometry: Geometry, normalisation: str, batch_size: int, seed: int,
+                 shuffle: bool, window_files: int = 8, read_threads: int = 2, min_finite_fraction: float = 0.5,
+                 skip_bad: bool = False, start_epoch: int = 0, what: str = "training", micro_batches: int = 1):
+        source = RawFiles(files, geometry, normalisation, read_threads, min_finite_fraction, skip_bad, what)
+        order = BatchOrder(len(source.files), source.per_file, batch_size, seed, shuffle,
+                           window_files=window_files, micro_batches=micro_batches)
+        super().__init__(source, order, what, start_epoch)
+
+    @property
+    def bad(self) -> dict[Path, str]:
+        return self.source.bad
+
+
+def test_images(test_dir: Path, files: list[Path], geometry: Geometry, normalisation: str,
+                min_finite_fraction: float) -> TestImages:
+    """Raw test files for evaluate(), read and normalised as the reference does."""
+    return TestImages(test_dir, files, lambda path: load_test_image(path, geometry, normalisation, min_finite_fraction))
 
 
 def load_test_image(path: Path, geometry: Geometry, normalisation: str, min_finite_fraction: float):

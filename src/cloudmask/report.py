@@ -8,8 +8,9 @@ Output is a function of the inputs only (sorted, no timestamps), so a report can
 
 from __future__ import annotations
 
+import base64
 import csv
-import io
+import functools
 import json
 import math
 import os
@@ -18,9 +19,10 @@ from pathlib import Path
 
 from . import fileio
 from .errors import CloudmaskError
-from .experiments import CONFIG, EXPERIMENT, RESULTS, Experiment, find_experiments, run_state, task_states
+from .experiments import EXPERIMENT, Experiment, find_experiments, run_state, task_states
+from .rundir import CONFIG, RESULTS
 from .slurm import queue_of
-from .tables import format_cell, markdown_table
+from .tables import format_cell
 
 RUN_COLUMNS = ["experiment", "run", "status", "seed", "epochs_run", "train_accuracy", "test_accuracy",
                "time_per_epoch_s", "time_per_inference_s", "gpu", "gpus", "machine", "gpu_energy_j",
@@ -30,11 +32,6 @@ METRICS = {"test_accuracy": "test accuracy", "time_per_epoch_s": "time per epoch
            "gpu_energy_per_epoch_j": "GPU energy per epoch (J)"}
 SUMMARY_COLUMNS = ["experiment", "machine", "gpu", "metric", "n", "mean", "std", "ci95_low", "ci95_high", "min",
                    "max", "olympic_mean"]
-
-# two-sided 95 % Student t quantiles by degrees of freedom (1..30); 1.96 beyond
-_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
-
 
 class ReportError(CloudmaskError):
     pass
@@ -170,11 +167,18 @@ def describe(values: list[float]) -> dict:
                 "olympic_mean": None}
     mean = sum(v) / n
     std = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1)) if n > 1 else None
-    half = (_T95[n - 2] if n - 1 <= len(_T95) else 1.96) * std / math.sqrt(n) if std is not None else None
+    half = _t95(n - 1) * std / math.sqrt(n) if std is not None else None
     return {"n": n, "mean": mean, "std": std,
             "ci95_low": mean - half if half is not None else None,
             "ci95_high": mean + half if half is not None else None,
             "min": v[0], "max": v[-1], "olympic_mean": sum(v[1:-1]) / (n - 2) if n >= 3 else None}
+
+
+def _t95(dof: int) -> float:
+    """The two-sided 95 % Student t quantile, exact for any number of degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, dof))
 
 
 def summarise(runs: list[dict]) -> list[dict]:
@@ -195,12 +199,7 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 
 def to_csv(rows: list[dict], columns: list[str]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({c: _csv_value(r.get(c)) for c in columns})
-    return buf.getvalue()
+    return fileio.csv_text(columns, ({c: _csv_value(r.get(c)) for c in columns} for r in rows))
 
 
 def _csv_value(v):
@@ -215,41 +214,52 @@ def _f(v, digits=4):
     return None if v is None else round(v, digits)
 
 
-def markdown(report: Report, plots: list[str] | None = None) -> str:
-    runs, summary = report.runs, report.summary
-    ok = [r for r in runs if r["status"] == "success"]
-    lines = ["# CloudMask benchmark report", "",
-             f"{len(runs)} runs: {len(ok)} successful, {len(runs) - len(ok)} failed, interrupted, incomplete "
-             "or missing (listed below).", ""]
-    lines += ["## Summary across repeats", "",
-              "Mean ± sample standard deviation, Student-t 95 % confidence interval of the mean, and the olympic "
-              "mean (lowest and highest value dropped; n ≥ 3). Successful runs only.", ""]
-    if summary:
-        lines.append(markdown_table(
-            ["experiment", "machine", "GPU", "metric", "n", "mean", "std", "95 % CI", "min", "max", "olympic"],
-            [[s["experiment"], s["machine"], s["gpu"], METRICS[s["metric"]], s["n"], _f(s["mean"]), _f(s["std"]),
-              f"{s['ci95_low']:.4g} – {s['ci95_high']:.4g}" if s["ci95_low"] is not None else None,
-              _f(s["min"]), _f(s["max"]), _f(s["olympic_mean"])] for s in summary]))
-    else:
-        lines.append("No successful run.")
-    lines += ["", "## Runs", ""]
-    lines.append(markdown_table(
-        ["experiment", "run", "status", "seed", "epochs", "train acc", "test acc", "s/epoch", "s/inference", "GPU",
-         "machine", "GPU J", "J/epoch", "J above idle"],
-        [[r["experiment"], r["run"], r["status"], r["seed"], r["epochs_run"], _f(r["train_accuracy"]),
-          _f(r["test_accuracy"]), _f(r["time_per_epoch_s"], 2), _f(r["time_per_inference_s"], 3), r["gpu"],
-          r["machine"], _f(r["gpu_energy_j"], 1), _f(r["gpu_energy_per_epoch_j"], 1),
-          _f(r["gpu_energy_above_idle_j"], 1)] for r in runs]))
-    problems = report.problems
-    lines += ["", "## Failed, interrupted, incomplete or missing runs", ""]
-    if problems:
-        lines.append(markdown_table(["run", "status", "seed", "reason"],
-                                    [[r["run"], r["status"], r["seed"], r["reason"]] for r in problems]))
-    else:
-        lines.append("None.")
-    if plots:
-        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
-    return "\n".join(lines) + "\n"
+def _context(report: Report, plots: list[Path], note: str | None, inline: bool) -> dict:
+    """What report.md and report.html show: the same tables, so the two pages never disagree."""
+    ok = sum(r["status"] == "success" for r in report.runs)
+    summary = [[s["experiment"], s["machine"], s["gpu"], METRICS[s["metric"]], s["n"], _f(s["mean"]), _f(s["std"]),
+                f"{s['ci95_low']:.4g} – {s['ci95_high']:.4g}" if s["ci95_low"] is not None else None,
+                _f(s["min"]), _f(s["max"]), _f(s["olympic_mean"])] for s in report.summary]
+    runs = [[r["experiment"], r["run"], r["status"], r["seed"], r["epochs_run"], _f(r["train_accuracy"]),
+             _f(r["test_accuracy"]), _f(r["time_per_epoch_s"], 2), _f(r["time_per_inference_s"], 3), r["gpu"],
+             r["machine"], _f(r["gpu_energy_j"], 1), _f(r["gpu_energy_per_epoch_j"], 1),
+             _f(r["gpu_energy_above_idle_j"], 1)] for r in report.runs]
+    return {
+        "title": "CloudMask benchmark report",
+        "counts": f"{len(report.runs)} runs: {ok} successful, {len(report.runs) - ok} failed, interrupted, "
+                  "incomplete or missing",
+        "summary_note": "Mean ± sample standard deviation, Student-t 95 % confidence interval of the mean, and the "
+                        "olympic mean (lowest and highest value dropped; n ≥ 3). Successful runs only.",
+        "summary": {"headers": ["experiment", "machine", "GPU", "metric", "n", "mean", "std", "95 % CI", "min",
+                                "max", "olympic"], "rows": summary},
+        "runs": {"headers": ["experiment", "run", "status", "seed", "epochs", "train acc", "test acc", "s/epoch",
+                             "s/inference", "GPU", "machine", "GPU J", "J/epoch", "J above idle"], "rows": runs},
+        "problems": {"headers": ["run", "status", "seed", "reason"],
+                     "rows": [[r["run"], r["status"], r["seed"], r["reason"]] for r in report.problems]},
+        "plots": [{"name": p.name, "stem": p.stem,
+                   "base64": base64.b64encode(p.read_bytes()).decode() if inline else None} for p in plots],
+        "note": note,
+    }
+
+
+@functools.lru_cache(maxsize=1)
+def _templates():
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("cloudmask", "templates"),
+                             autoescape=lambda name: bool(name) and name.endswith(".html.j2"),
+                             undefined=jinja2.StrictUndefined)
+    env.filters["cell"] = format_cell
+    return env
+
+
+def markdown(report: Report, plots: list[Path] | None = None, note: str | None = None) -> str:
+    return _templates().get_template("report.md.j2").render(_context(report, plots or [], note, inline=False))
+
+
+def html(report: Report, plots: list[Path] | None = None, note: str | None = None) -> str:
+    """One self-contained page: the tables of report.md and the plots inlined as base64 PNGs."""
+    return _templates().get_template("report.html.j2").render(_context(report, plots or [], note, inline=True))
 
 
 def as_json(report: Report) -> str:
@@ -268,11 +278,8 @@ def write(report: Report, out: str | os.PathLike) -> list[Path]:
     for stale in sorted(out.glob("*.png")):
         if stale not in plots:
             stale.unlink()
-    md = markdown(report, [p.name for p in plots])
-    if note:
-        md += f"\n{note}\n"
     files += plots
-    files.append(fileio.write_text(out / "report.md", md))
+    files.append(fileio.write_text(out / "report.md", markdown(report, plots, note)))
     files.append(fileio.write_text(out / "report.html", html(report, plots, note)))
     return files
 
@@ -382,45 +389,3 @@ def _plot_power(plt, traces: dict[str, Path], path: Path, limit: int = 8) -> Pat
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(plt, fig, path)
-
-
-# -------------------------------------------------------------------------------------------------- html
-
-
-def html(report: Report, plots: list[Path], note: str | None) -> str:
-    """One self-contained page: the tables of report.md and the plots inlined as base64 PNGs."""
-    import base64
-    from html import escape
-
-    def table(headers, rows):
-        head = "".join(f"<th>{escape(str(h))}</th>" for h in headers)
-        body = "".join("<tr>" + "".join(f"<td>{escape(format_cell(v))}</td>" for v in r) + "</tr>" for r in rows)
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-    ok = sum(r["status"] == "success" for r in report.runs)
-    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>CloudMask benchmark report</title>",
-             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#eee}"
-             "img{max-width:100%}</style></head><body>",
-             "<h1>CloudMask benchmark report</h1>",
-             f"<p>{len(report.runs)} runs: {ok} successful, {len(report.runs) - ok} failed, interrupted, "
-             "incomplete or missing.</p>", "<h2>Summary across repeats</h2>",
-             table(["experiment", "machine", "GPU", "metric", "n", "mean", "std", "95 % CI low", "95 % CI high",
-                    "min", "max", "olympic"],
-                   [[s["experiment"], s["machine"], s["gpu"], METRICS[s["metric"]], s["n"], s["mean"], s["std"],
-                     s["ci95_low"], s["ci95_high"], s["min"], s["max"], s["olympic_mean"]] for s in report.summary]),
-             "<h2>Runs</h2>", table(RUN_COLUMNS[:-1], [[r[c] for c in RUN_COLUMNS[:-1]] for r in report.runs]),
-             "<h2>Failed, interrupted, incomplete or missing runs</h2>",
-             table(["run", "status", "seed", "reason"], [[r["run"], r["status"], r["seed"], r["reason"]]
-                                                         for r in report.problems]) if report.problems else
-             "<p>None.</p>"]
-    if plots:
-        parts.append("<h2>Plots</h2>")
-        for p in plots:
-            data = base64.b64encode(p.read_bytes()).decode()
-            parts.append(f"<p><img alt='{escape(p.stem)}' src='data:image/png;base64,{data}'></p>")
-    if note:
-        parts.append(f"<p>{escape(note)}</p>")
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
-

@@ -26,16 +26,16 @@ import concurrent.futures
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
-from . import data, fileio, preprocess
+from . import data, fileio, pipeline, preprocess
+from .batches import BatchOrder, BatchStream, PatchReader
 from .errors import DataError
+from .evaluate import TestImages
 from .preprocess import N_CHANNELS, Geometry
 
 log = logging.getLogger(__name__)
@@ -59,73 +59,75 @@ def _geometry(meta: dict) -> Geometry:
 
 def prepare(raw_root: str | os.PathLike, store_dir: str | os.PathLike, cfg, jobs: int = 2, progress=None) -> dict:
     """Convert the dataset at ``raw_root`` into a store at ``store_dir`` (which must not exist)."""
-    from . import pipeline
-
     store_dir = Path(store_dir)
     if store_dir.exists():
         raise DataError(f"{store_dir}: already exists", "choose a new store directory (stores are never overwritten)")
     g = Geometry.from_config(cfg)
     layout = data.resolve_layout(str(raw_root))
-    files = data.find_files(layout.train_dir)
-    train_files, val_files = data.split_files(files, cfg.data.train_split, cfg.data.split_seed)
-    test_files = data.find_files(layout.test_dir)
-    for what, group in (("training", train_files), ("validation", val_files), ("test", test_files)):
+    train_files, val_files = data.split_files(data.find_files(layout.train_dir), cfg.data.train_split,
+                                              cfg.data.split_seed)
+    splits = {"train": train_files, "val": val_files, "test": data.find_files(layout.test_dir)}
+    for what, group in zip(("training", "validation", "test"), splits.values()):
         pipeline.screen_files(group, g, skip_bad=False, what=what)
-    per = g.patches_per_train_image
-    shapes = {"train_x": ((len(train_files) * per, g.patch, g.patch, N_CHANNELS), np.float16),
-              "train_y": ((len(train_files) * per, g.patch, g.patch, 1), np.uint8),
-              "val_x": ((len(val_files) * per, g.patch, g.patch, N_CHANNELS), np.float16),
-              "val_y": ((len(val_files) * per, g.patch, g.patch, 1), np.uint8),
-              "test_x": ((len(test_files), g.height, g.width, N_CHANNELS), np.float16),
-              "test_y": ((len(test_files), g.height, g.width), np.uint8)}
-    store_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = store_dir.with_name(f".{store_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     t0 = time.perf_counter()
     try:
-        arrays = {k: np.lib.format.open_memmap(tmp / f"{k}.npy", "w+", dtype, shape) for k, (shape, dtype) in
-                  shapes.items()}
-        jobs_list = ([("train", i, f) for i, f in enumerate(train_files)] + [("val", i, f) for i, f in
-                     enumerate(val_files)] + [("test", i, f) for i, f in enumerate(test_files)])
-
-        def convert(job):
-            split, i, path = job
-            sample = data.read_sample(path, g, cfg.data.min_finite_fraction)
-            image = preprocess.normalise(sample.image, cfg.data.normalisation)
-            if split == "test":
-                arrays["test_x"][i] = image.astype(np.float16)
-                arrays["test_y"][i] = sample.label[..., 0]
-            else:
-                arrays[f"{split}_x"][i * per:(i + 1) * per] = preprocess.train_patches(image, g).astype(np.float16)
-                arrays[f"{split}_y"][i * per:(i + 1) * per] = preprocess.train_patches(sample.label, g)
-            return path
-
-        with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-            for n, _ in enumerate(pool.map(convert, jobs_list), 1):
-                if progress:
-                    progress(n, len(jobs_list))
-        for a in arrays.values():
-            a.flush()
-        arrays.clear()
-        train_root = layout.train_dir.parent if layout.naming != "explicit" else None
-        meta = {"format": FORMAT, "normalisation": cfg.data.normalisation, "dtype": "float16",
-                "geometry": _geometry_dict(g),
-                "split": {"train_split": cfg.data.train_split, "split_seed": cfg.data.split_seed},
-                "min_finite_fraction": cfg.data.min_finite_fraction,
-                "source": {"root": str(Path(raw_root).resolve()), "naming": layout.naming,
-                           "manifest_sha256": data.manifest_digest(train_root) if train_root else None},
-                "files": {"train": [p.relative_to(layout.train_dir).as_posix() for p in train_files],
-                          "val": [p.relative_to(layout.train_dir).as_posix() for p in val_files],
-                          "test": [p.relative_to(layout.test_dir).as_posix() for p in test_files]},
-                "counts": {k: shapes[k][0][0] for k in ("train_x", "val_x", "test_x")},
-                "prepare_s": round(time.perf_counter() - t0, 3)}
-        fileio.write_json(tmp / META, meta)
-        tmp.rename(store_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with fileio.atomic_dir(store_dir) as tmp:
+            counts = _convert(splits, g, cfg, tmp, jobs, progress)
+            meta = _metadata(cfg, g, raw_root, layout, splits, counts, time.perf_counter() - t0)
+            fileio.write_json(tmp / META, meta)  # last: a store without it is never opened
+    except FileExistsError:
+        raise DataError(f"{store_dir}: appeared while it was being prepared",
+                        "another process prepares the same store; use its store or choose a new directory") from None
     return meta
+
+
+def _convert(splits: dict[str, list[Path]], g: Geometry, cfg, out: Path, jobs: int, progress) -> dict[str, int]:
+    """Every file of every split into ``out``'s arrays, ``jobs`` files at a time; the arrays' row counts."""
+    per = g.patches_per_train_image
+    rows = {"train": len(splits["train"]) * per, "val": len(splits["val"]) * per, "test": len(splits["test"])}
+    shapes = {"train_x": ((rows["train"], g.patch, g.patch, N_CHANNELS), np.float16),
+              "train_y": ((rows["train"], g.patch, g.patch, 1), np.uint8),
+              "val_x": ((rows["val"], g.patch, g.patch, N_CHANNELS), np.float16),
+              "val_y": ((rows["val"], g.patch, g.patch, 1), np.uint8),
+              "test_x": ((rows["test"], g.height, g.width, N_CHANNELS), np.float16),
+              "test_y": ((rows["test"], g.height, g.width), np.uint8)}
+    arrays = {k: np.lib.format.open_memmap(out / f"{k}.npy", "w+", dtype, shape) for k, (shape, dtype) in
+              shapes.items()}
+    jobs_list = [(split, i, path) for split, files in splits.items() for i, path in enumerate(files)]
+
+    def convert(job):
+        split, i, path = job
+        sample = data.read_sample(path, g, cfg.data.min_finite_fraction)
+        image = preprocess.normalise(sample.image, cfg.data.normalisation)
+        if split == "test":
+            arrays["test_x"][i] = image.astype(np.float16)
+            arrays["test_y"][i] = sample.label[..., 0]
+        else:
+            arrays[f"{split}_x"][i * per:(i + 1) * per] = preprocess.train_patches(image, g).astype(np.float16)
+            arrays[f"{split}_y"][i * per:(i + 1) * per] = preprocess.train_patches(sample.label, g)
+
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        for n, _ in enumerate(pool.map(convert, jobs_list), 1):
+            if progress:
+                progress(n, len(jobs_list))
+    for a in arrays.values():
+        a.flush()
+    return {f"{split}_x": n for split, n in rows.items()}
+
+
+def _metadata(cfg, g: Geometry, raw_root, layout, splits: dict[str, list[Path]], counts: dict, seconds: float) -> dict:
+    train_root = layout.train_dir.parent if layout.naming != "explicit" else None
+    relative = {"train": layout.train_dir, "val": layout.train_dir, "test": layout.test_dir}
+    return {"format": FORMAT, "normalisation": cfg.data.normalisation, "dtype": "float16",
+            "geometry": _geometry_dict(g),
+            "split": {"train_split": cfg.data.train_split, "split_seed": cfg.data.split_seed},
+            "min_finite_fraction": cfg.data.min_finite_fraction,
+            "source": {"root": str(Path(raw_root).resolve()), "naming": layout.naming,
+                       "manifest_sha256": data.manifest_digest(train_root) if train_root else None},
+            "files": {split: [p.relative_to(relative[split]).as_posix() for p in files]
+                      for split, files in splits.items()},
+            "counts": counts,
+            "prepare_s": round(seconds, 3)}
 
 
 # ------------------------------------------------------------------------------------------------- open
@@ -218,117 +220,81 @@ def open_store(path: str | os.PathLike, cfg) -> Store:
 # ------------------------------------------------------------------------------------------------ reading
 
 
-def window_order(n_files: int, per_file: int, batch_size: int, batches: int, seed: int, epoch: int,
-                 window_files: int) -> np.ndarray:
-    """The patch order of the streaming pipeline (pipeline.PatchStream with shuffle, no bad files), as indices
-    into the file-major patch array: the same seeded file permutation, windows and in-window shuffles."""
-    files = np.random.default_rng([seed, epoch]).permutation(n_files)
-    rng = np.random.default_rng([seed, epoch, 1])
-    out, carry, produced, consumed = [], np.empty(0, np.int64), 0, 0
-    while produced < batches:
-        want = window_files if consumed >= n_files else min(window_files, n_files - consumed)
-        window = [files[(consumed + k) % n_files] for k in range(want)]
-        consumed += want
-        idx = np.concatenate([np.arange(f * per_file, (f + 1) * per_file) for f in window] + [carry])
-        idx = idx[rng.permutation(len(idx))]
-        n_full = min(len(idx) // batch_size, batches - produced)
-        out.append(idx[: n_full * batch_size])
-        produced += n_full
-        carry = idx[n_full * batch_size:]
-    return np.concatenate(out)
+class StoreSplit:
+    """The patches of one split of a store as a patch source (batches.py). ``resident``: ``host`` reads the whole
+    split into RAM once (float16: 18 GB for the full training set), ``device`` then moves it into the
+    accelerator's memory, so batches are gathered there; ``none`` reads every batch with ``pread``."""
 
-
-class StoreStream:
-    """Endless (x float16, y float32) batches from a store split, ``steps`` per epoch: the same interface and,
-    with ``order="window"``, the same patch order as pipeline.PatchStream on the raw files. ``order="global"``
-    draws a fresh permutation of all patches every epoch (a deliberate deviation: statistically better).
-
-    ``shard=(index, count)``: one of ``count`` workers training together; every global batch is cut into
-    ``count`` equal row ranges and only range ``index`` is read, so the workers read disjoint rows and together
-    see exactly the batches one worker would."""
-
-    def __init__(self, store: Store, split: str, batch_size: int, seed: int, shuffle: bool, order: str = "window",
-                 window_files: int = 8, read_threads: int = 4, start_epoch: int = 0, micro_batches: int = 1,
-                 prefetch: int = 2, resident: str = "none", shard: tuple[int, int] = (0, 1)):
+    def __init__(self, store: Store, split: str, read_threads: int = 4, resident: str = "none"):
         self.x, self.y = store.array(f"{split}_x"), store.array(f"{split}_y")
-        self.per_file = _geometry(store.meta).patches_per_train_image
         self.n_files = len(store.files(split))
-        self.batch_size, self.seed, self.shuffle, self.order = batch_size, seed, shuffle, order
-        self.window_files, self.read_threads, self.prefetch = window_files, read_threads, prefetch
-        self.epoch, self.micro_batches = start_epoch, micro_batches
-        self.patches = len(self.x)
-        self.batches = self.patches // batch_size
-        self.steps = self.batches * micro_batches
-        self.error: DataError | None = None
-        self.what = split
-        self.resident = resident
-        self.shard = shard
-        self._resident = None
-        if resident in ("host", "device"):  # the whole split in RAM as float16 (18 GB for the full training set)
-            self._resident = (self.x.read(np.arange(self.patches)), self.y.read(np.arange(self.patches)))
+        self.per_file = _geometry(store.meta).patches_per_train_image
+        self.patch = _geometry(store.meta).patch
+        self.read_threads, self.resident, self.what = read_threads, resident, split
+        self._host = None
         self._device = None
-        if self.batches == 0:
-            raise DataError(f"the store's {split} split has {self.patches} patches, fewer than one batch of "
-                            f"{batch_size}", "lower train.batch_size")
+        if resident in ("host", "device"):
+            every = np.arange(len(self.x))
+            self._host = (self.x.read(every), self.y.read(every))
 
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        n = self.batches * self.batch_size
-        if not self.shuffle:
-            return np.arange(n)
-        if self.order == "global":
-            return np.random.default_rng([self.seed, epoch, 2]).permutation(self.patches)[:n]
-        return window_order(self.n_files, self.per_file, self.batch_size, self.batches, self.seed, epoch,
-                            self.window_files)
+    def reader(self) -> "_StoreReader":
+        return _StoreReader(self)
 
-    def _device_arrays(self):
+    def device_arrays(self):
         """The split as backend tensors on the default device (the GPU when there is one), made once."""
         if self._device is None:
             import keras
 
-            x, y = self._resident
+            x, y = self._host
             self._device = (keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y))
-            self._resident = None  # the host copy is no longer needed
+            self._host = None  # the host copy is no longer needed
         return self._device
 
-    def _read(self, rows: np.ndarray):
+
+class _StoreReader(PatchReader):
+    def __init__(self, source: StoreSplit):
+        self.source = source
+        self.pool = concurrent.futures.ThreadPoolExecutor(source.read_threads,
+                                                          thread_name_prefix=f"store-{source.what}")
+
+    def read(self, rows: np.ndarray):
         # x stays float16: the model casts it on the device (half the bytes to move, no host-side conversion)
-        if self.resident == "device":
+        src = self.source
+        if src.resident == "device":
             import keras
 
-            x, y = self._device_arrays()
+            x, y = src.device_arrays()
             return keras.ops.take(x, rows, axis=0), keras.ops.cast(keras.ops.take(y, rows, axis=0), "float32")
-        if self._resident is not None:
-            return self._resident[0][rows], self._resident[1][rows].astype(np.float32)
-        # split one batch over the threads: each reads a slice of rows with its own preads
-        parts = np.array_split(np.arange(len(rows)), max(1, min(self.read_threads, len(rows))))
-        x = np.empty((len(rows), *self.x.shape[1:]), np.float16)
-        y = np.empty((len(rows), *self.y.shape[1:]), np.uint8)
-        list(self._pool.map(lambda p: (self.x.read(rows[p], x[p[0]:p[-1] + 1]),
-                                       self.y.read(rows[p], y[p[0]:p[-1] + 1])), [p for p in parts if len(p)]))
+        if src.resident == "host":
+            return src._host[0][rows], src._host[1][rows].astype(np.float32)
+        # one batch split over the threads: each reads a slice of rows with its own preads
+        parts = [p for p in np.array_split(np.arange(len(rows)), max(1, min(src.read_threads, len(rows)))) if len(p)]
+        x = np.empty((len(rows), *src.x.shape[1:]), np.float16)
+        y = np.empty((len(rows), *src.y.shape[1:]), np.uint8)
+        list(self.pool.map(lambda p: (src.x.read(rows[p], x[p[0]:p[-1] + 1]),
+                                      src.y.read(rows[p], y[p[0]:p[-1] + 1])), parts))
         return x, y.astype(np.float32)
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        self._pool = concurrent.futures.ThreadPoolExecutor(self.read_threads, thread_name_prefix=f"store-{self.what}")
-        loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"prefetch-{self.what}")
-        micro = self.batch_size // self.micro_batches
-        try:
-            while True:
-                order = self.epoch_order(self.epoch).reshape(self.batches, self.shard[1], -1)[:, self.shard[0]]
-                pending = [loader.submit(self._read, order[b]) for b in range(min(self.prefetch, self.batches))]
-                for b in range(self.batches):
-                    x, y = pending.pop(0).result()
-                    if b + len(pending) + 1 < self.batches:
-                        pending.append(loader.submit(self._read, order[b + len(pending) + 1]))
-                    for m in range(self.micro_batches):
-                        yield x[m * micro:(m + 1) * micro], y[m * micro:(m + 1) * micro]
-                self.epoch += 1
-        finally:
-            loader.shutdown(wait=False, cancel_futures=True)
-            self._pool.shutdown(wait=False, cancel_futures=True)
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def test_loader(store: Store):
-    """(files, load) for evaluate(): file paths named like the raw test files, loaded from test_x/test_y."""
+class StoreStream(BatchStream):
+    """Endless (x float16, y float32) batches from a store split, in the batch order of the raw stream
+    (``order="window"``) or a fresh permutation of all patches every epoch (``order="global"``, a deliberate
+    deviation: statistically better). ``shard``: this worker's rows of every batch (batches.py)."""
+
+    def __init__(self, store: Store, split: str, batch_size: int, seed: int, shuffle: bool, order: str = "window",
+                 window_files: int = 8, read_threads: int = 4, start_epoch: int = 0, micro_batches: int = 1,
+                 prefetch: int = 2, resident: str = "none", shard: tuple[int, int] = (0, 1)):
+        source = StoreSplit(store, split, read_threads, resident)
+        batch_order = BatchOrder(source.n_files, source.per_file, batch_size, seed, shuffle, order, window_files,
+                                 shard, micro_batches)
+        super().__init__(source, batch_order, split, start_epoch, prefetch)
+
+
+def test_images(store: Store) -> TestImages:
+    """The store's test images for evaluate(), named like the raw test files, loaded from test_x/test_y."""
     x, y = store.array("test_x"), store.array("test_y")
     names = store.files("test")
     index = {name: i for i, name in enumerate(names)}
@@ -340,7 +306,7 @@ def test_loader(store: Store):
         image = x.read([i])[0].astype(np.float32)
         return preprocess.test_patches(image, g), y.read([i])[0]
 
-    return root, [root / n for n in names], load
+    return TestImages(root, [root / n for n in names], load)
 
 
 def stage(path: Path, dest: str | os.PathLike) -> tuple[Path, "data.Staging"]:

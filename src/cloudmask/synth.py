@@ -18,13 +18,18 @@ files it shares with another size.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
+import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from . import fileio
 from .errors import DataError
+
+log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
 GENERATOR = f"cloudmask.synth {GENERATOR_VERSION}"  # bump the number whenever the arrays for a given seed change
@@ -302,3 +307,34 @@ def _write(path: Path, arrays: dict[str, np.ndarray], attrs: dict) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# ------------------------------------------------------------------------------------------ bench's cache
+
+
+def synthetic_cache_dir(cfg) -> Path:
+    if cfg.bench.cache_dir:
+        return Path(cfg.bench.cache_dir).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cloudmask"
+
+
+def synthetic_dataset(cfg) -> Path:
+    """The ``bench`` dataset, synthesized once per (size, seed) and reused; built under a temporary name and
+    renamed into place, so an interrupted build is never mistaken for a dataset."""
+    b = cfg.bench
+    h, w = cfg.image.height, cfg.image.width
+    target = synthetic_cache_dir(cfg) / (f"synthetic-v{GENERATOR_VERSION}-{h}x{w}-train{b.train_files}-"
+                                         f"test{b.test_files}-seed{b.synth_seed}")
+    if target.is_dir():
+        log.info("synthetic dataset: %s (cached)", target)
+        return target
+    log.info("synthesizing %d training + %d test files into %s ...", b.train_files, b.test_files, target)
+    t0 = time.perf_counter()
+    try:
+        with fileio.atomic_dir(target) as tmp:
+            synthesize(tmp, b.train_files, b.test_files, b.synth_seed, height=h, width=w)
+    except FileExistsError:
+        pass  # another process finished the same dataset first: every file depends only on the seed
+    log.info("synthesized in %.1f s", time.perf_counter() - t0)
+    return target

@@ -1,4 +1,4 @@
-"""Plain-text tables for the console and Markdown tables for reports (no dependency beyond the stdlib)."""
+"""Plain-text tables for the console, and the cell format the report templates share."""
 
 from __future__ import annotations
 
@@ -23,12 +23,6 @@ def text_table(headers: Sequence[str], rows: Sequence[Sequence], title: str | No
     out.append(line)
     for r in cells:
         out.append("  ".join(v.rjust(w) if _is_number(v) else v.ljust(w) for v, w in zip(r, widths)))
-    return "\n".join(out)
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
-    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    out += ["| " + " | ".join(format_cell(v).replace("|", "\\|") for v in row) + " |" for row in rows]
     return "\n".join(out)
 
 

@@ -14,9 +14,9 @@ import resource
 import socket
 import time
 
-import numpy as np
-
 from . import runtime
+from .preprocess import Geometry
+from .tables import text_table
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,8 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _time_stream(stream, warmup: int, steps: int) -> tuple[float, int]:
+def time_loader(stream, warmup: int, steps: int) -> tuple[float, int]:
+    """(seconds, patches) of ``steps`` batches of the input pipeline alone, after ``warmup`` untimed ones."""
     it = iter(stream)
     for _ in range(warmup):
         next(it)
@@ -63,129 +64,70 @@ def _time_stream(stream, warmup: int, steps: int) -> tuple[float, int]:
     return time.perf_counter() - t0, samples
 
 
-def _time_fit(model, stream, warmup: int, steps: int) -> float:
-    """Seconds of ``steps`` Keras training steps after ``warmup`` untimed ones."""
-    import keras
+def measure(session, warmup: int = 3, steps: int = 20, test_images: int = 4) -> dict:
+    """Loader, training and inference throughput of a throughput session (session.py) after its init phase.
 
-    class StepTimer(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            if batch == warmup - 1:
-                self.t0 = time.perf_counter()
-
-        def on_train_end(self, logs=None):
-            self.t1 = time.perf_counter()
-
-    timer = StepTimer()
-    model.fit(iter(stream), steps_per_epoch=warmup + steps, epochs=1, verbose=0, callbacks=[timer], shuffle=False)
-    return timer.t1 - timer.t0
-
-
-def _time_workers(cluster, cfg, stream, warmup: int, steps: int) -> float:
-    """Seconds of ``steps`` multi-worker training steps (every worker in step) after ``warmup`` untimed ones."""
-    from . import distributed, model as model_lib
-
-    with cluster.strategy.scope():
-        model = model_lib.compile_model(model_lib.build_from_config(cfg), cfg.effective_learning_rate, 1, False)
-        model.optimizer.build(model.trainable_variables)
-    train_step, _ = distributed.make_steps(cluster, model, cfg.train.batch_size, stream.x.shape[1:3])
-    it = iter(stream)
-    for _ in range(warmup):
-        train_step(*next(it))
-    cluster.allreduce([0.0])  # start the clock together
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        train_step(*next(it))
-    return time.perf_counter() - t0
-
-
-def measure(cfg, td, test_source, warmup: int = 3, steps: int = 20, test_images: int = 4, cluster=None) -> dict:
-    """Loader, training and inference throughput of ``cfg``'s model on ``td`` (TrainData) and the test images.
-
-    With ``cluster`` (several workers) each worker first trains alone on its rows of every batch (no
-    communication), then all train together; the weak-scaling efficiency is the joint rate over the sum of the
-    rates alone. Loader and inference are each worker's own; the chief's are reported, every worker's in
-    ``workers``."""
-    from . import evaluate, model as model_lib, pipeline, preprocess
-    from .preprocess import Geometry
-
-    runtime.seed_everything(cfg.seed, cfg.train.deterministic)
-    runtime.set_precision(cfg.train.precision)
-    devices = runtime.accelerators()
-    model = model_lib.compile_model(model_lib.build_from_config(cfg), cfg.effective_learning_rate,
-                                    cfg.accumulation_steps, cfg.train.jit_compile)
-    fwd = model_lib.forward_flops(model)
+    With several workers each one first trains alone on its rows of every batch (no communication), then all
+    train together; the weak-scaling efficiency is the joint rate over the sum of the rates alone. Loader and
+    inference are each worker's own; the chief's are reported, every worker's in ``workers``."""
+    cfg, td, cluster = session.cfg, session.inputs, session.cluster
     steps = min(steps, td.train_stream.steps * 10)
-
-    loader_s, loader_n = _time_stream(td.train_stream, warmup, steps)
-    micro = cfg.train.micro_batch_size or cfg.train.batch_size
+    loader_s, loader_n = time_loader(td.train_stream, warmup, steps)
+    alone_s = session.time_training(warmup, steps, together=False)  # this worker's share when workers > 1
+    images = td.test.first(max(1, test_images))
+    session.score(images.first(1))  # warm-up: the predict function is traced here
+    infer_s = session.score(images.in_memory())["inference_s"]
+    train_s = alone_s
     workers = cluster.workers if cluster is not None else 1
-    alone_s = _time_fit(model, td.train_stream, warmup, steps)  # this worker's share of the batch when workers > 1
-    train_s, train_n = alone_s, steps * micro
     if workers > 1:
-        train_s = _time_workers(cluster, cfg, td.train_stream, warmup, steps)
-
-    g = Geometry.from_config(cfg)
-    test_root, files, load = test_source
-    if load is None:
-        def load(path):
-            return pipeline.load_test_image(path, g, cfg.data.normalisation, cfg.data.min_finite_fraction)
-    images = [load(f) for f in files[:max(1, test_images)]]
-    model.predict(images[0][0], batch_size=cfg.infer.batch_size, verbose=0)  # warm-up
-    t0 = time.perf_counter()
-    for patches, label in images:
-        probs = model.predict(patches, batch_size=cfg.infer.batch_size, verbose=0)
-        predicted = preprocess.stitch(np.asarray(probs), g)[..., 0] > cfg.infer.threshold
-        evaluate.score(predicted, label)
-    infer_s = time.perf_counter() - t0
-    n_img = len(images)
-
-    train_rate = train_n / train_s
-    peak = device_peak(devices[0], cfg.train.precision) if devices else None
-    achieved = train_rate * 3 * fwd
-    peak = peak * len(devices) if peak else None
+        session.load_model()  # mirrored over every worker
+        train_s = session.time_training(warmup, steps)
+    rates = _rates(cfg, session, steps * session.plan.step_batch, train_s, len(images.files), infer_s)
     scaling = None
     if workers > 1:
-        share = train_n // workers
-        mine = {"rank": cluster.rank, "host": socket.gethostname(), "devices": devices or ["CPU"],
+        share = steps * session.plan.step_batch // workers
+        mine = {"rank": cluster.rank, "host": socket.gethostname(), "devices": session.devices or ["CPU"],
                 "alone_patches_per_s": share / alone_s, "joint_patches_per_s": share / train_s,
-                "loader_patches_per_s": loader_n / loader_s, "inference_images_per_s": len(images) / infer_s}
+                "loader_patches_per_s": loader_n / loader_s,
+                "inference_images_per_s": len(images.files) / infer_s}
         rows = cluster.exchange(mine)
         alone_total = sum(r["alone_patches_per_s"] for r in rows)
-        scaling = {"workers": workers, "replicas": cluster.replicas, "per_worker_batch": cfg.train.batch_size // workers,
-                   "per_worker": rows, "alone_total_patches_per_s": alone_total,
-                   "weak_scaling_efficiency": train_rate / alone_total}
-        peak = None  # the devices of one worker, not of the cluster
-    return {
-        "mode": "throughput",
-        "workers": scaling,
-        "backend": runtime.backend(),
-        "devices": devices or ["CPU"],
-        "precision": cfg.train.precision,
-        "jit_compile": cfg.train.jit_compile,
-        "batch_size": cfg.train.batch_size,
-        "micro_batch_size": micro,
-        "input": "patch-store" if cfg.data.store else "streaming-hdf5",
-        "warmup_steps": warmup,
-        "timed_steps": steps,
-        "loader_patches_per_s": loader_n / loader_s,
-        "train_patches_per_s": train_rate,
-        "train_epoch_s_full_dataset": 15_520 / train_rate,
-        "inference_images_per_s": n_img / infer_s,
-        "inference_patches_per_s": n_img * g.patches_per_test_image / infer_s,
-        "time_per_inference_s": infer_s / n_img,
-        "test_set_100_images_s": 100 * infer_s / n_img,
-        "forward_gflop_per_patch": fwd / 1e9,
-        "train_gflop_per_patch": 3 * fwd / 1e9,
-        "achieved_tflops": achieved / 1e12,
-        "device_peak_tflops": peak / 1e12 if peak else None,
-        "utilisation": achieved / peak if peak else None,
-        "peak_rss_gib": peak_rss_gib(),
-    }
+        scaling = {"workers": workers, "replicas": cluster.replicas,
+                   "per_worker_batch": cfg.train.batch_size // workers, "per_worker": rows,
+                   "alone_total_patches_per_s": alone_total,
+                   "weak_scaling_efficiency": rates["train_patches_per_s"] / alone_total}
+        rates.update(device_peak_tflops=None, utilisation=None)  # the devices of one worker, not of the cluster
+    return {"mode": "throughput", "workers": scaling, "backend": runtime.backend(),
+            "devices": session.devices or ["CPU"], "precision": cfg.train.precision,
+            "jit_compile": cfg.train.jit_compile, "batch_size": cfg.train.batch_size,
+            "micro_batch_size": session.plan.step_batch, "input": td.source,
+            "warmup_steps": warmup, "timed_steps": steps, "loader_patches_per_s": loader_n / loader_s, **rates,
+            "peak_rss_gib": peak_rss_gib()}
+
+
+def _rates(cfg, session, train_n: int, train_s: float, n_img: int, infer_s: float) -> dict:
+    """Training and inference rates, FLOPs and the share of the device's peak."""
+    g = Geometry.from_config(cfg)
+    fwd = session.fw.model.forward_flops(session.model)
+    train_rate = train_n / train_s
+    devices = session.devices
+    peak = device_peak(devices[0], cfg.train.precision) if devices else None
+    peak = peak * len(devices) if peak else None
+    achieved = train_rate * 3 * fwd
+    return {"train_patches_per_s": train_rate,
+            "train_epoch_s_full_dataset": 15_520 / train_rate,
+            "inference_images_per_s": n_img / infer_s,
+            "inference_patches_per_s": n_img * g.patches_per_test_image / infer_s,
+            "time_per_inference_s": infer_s / n_img,
+            "test_set_100_images_s": 100 * infer_s / n_img,
+            "forward_gflop_per_patch": fwd / 1e9,
+            "train_gflop_per_patch": 3 * fwd / 1e9,
+            "achieved_tflops": achieved / 1e12,
+            "device_peak_tflops": peak / 1e12 if peak else None,
+            "utilisation": achieved / peak if peak else None}
 
 
 def table(r: dict) -> str:
-    from .tables import text_table
-
     def fmt(v, unit=""):
         return "-" if v is None else f"{v:,.2f}{unit}" if isinstance(v, float) else str(v)
 

@@ -1,4 +1,5 @@
-"""Several cooperating processes ("workers") training one model: TensorFlow's MultiWorkerMirroredStrategy.
+"""The cluster: several cooperating processes ("workers") training one model with TensorFlow's
+MultiWorkerMirroredStrategy, and the collectives they share.
 
 * ``connect`` finds the cluster — ``TF_CONFIG`` when set, else the tasks of an ``srun`` step (more than one),
   else this process alone — and starts the strategy. SLURM's variables are turned into ``TF_CONFIG`` here rather
@@ -7,10 +8,8 @@
 * ``Cluster.exchange`` gives every worker every worker's small JSON value (over the strategy's own collectives,
   so no second communication channel is needed); ``Cluster.settle`` makes a failure on one worker a failure on
   all, so no worker is left waiting in a collective for one that has already given up.
-* ``fit`` is the training loop. Keras 3's ``Model.fit`` cannot run under this strategy (keras-team/keras#20585),
-  so the loop is written out: same loss (mean binary cross-entropy over the global batch), same accuracy, same
-  callback order as ``fit``, gradients all-reduced by the Keras optimizer. Each worker feeds only its own rows
-  of every global batch (``StoreStream(shard=...)``); metrics are sums all-reduced with the gradients' step.
+
+The training loop the workers run together is worker_loop.py.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import os
 import re
 import socket
 import subprocess
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,9 +27,6 @@ import numpy as np
 from .errors import CloudmaskError, ConfigError
 
 log = logging.getLogger(__name__)
-
-# ------------------------------------------------------------------------------------------- the cluster
-
 
 def slurm_tf_config(cfg, environ=os.environ, hostnames=None) -> dict | None:
     """TF_CONFIG for the tasks of the current srun step (None outside a step or with a single task).
@@ -233,161 +228,3 @@ def describe_workers(reports: list[dict]) -> dict:
     return {"workers": len(reports), "nodes": len(per_host),
             "accelerators_per_node": max(per_host.values()) if per_host else 0,
             "hosts": sorted(per_host)}
-
-
-def combine_energy(sections: list[dict | None]) -> dict | None:
-    """One results.json ``energy`` section from every worker's: devices of every node, a device measured by two
-    workers of one node (same host, kind and identity) counted once, totals and per-epoch sums over them."""
-    sections = [s for s in sections if s]
-    if not sections:
-        return None
-    out: dict = {"workers": len(sections)}
-    for kind in ("gpu", "cpu"):
-        parts = [(s["host"], s.get(kind)) for s in sections if s.get(kind)]
-        measured = [(host, p) for host, p in parts if p["method"] != "none"]
-        if not measured:
-            out[kind] = parts[0][1] if parts else None
-            continue
-        seen, devices = set(), []
-        for host, p in measured:
-            for dev in p["devices"]:
-                key = (host, json.dumps({k: v for k, v in dev.items() if k in ("uuid", "index", "zone", "label",
-                                                                               "name", "pci_bus_id")},
-                                        sort_keys=True))
-                if key not in seen:
-                    seen.add(key)
-                    devices.append({"host": host, **dev})
-        section = {"method": measured[0][1]["method"], "reason": measured[0][1].get("reason"),
-                   "methods": sorted({p["method"] for _, p in measured}), "nodes": len({h for h, _ in measured}),
-                   "devices": devices}
-        for key in ("total_j", "above_idle_j", "inference_j"):
-            values = [d.get(key) for d in devices]
-            section[key] = None if any(v is None for v in values) else float(sum(values))
-        epochs = [d.get("per_epoch_j") or [] for d in devices]
-        section["per_epoch_j"] = [float(sum(x)) for x in zip(*epochs)] if epochs else []
-        out[kind] = section
-    return out
-
-
-# --------------------------------------------------------------------------------------------- training
-
-
-class StopTraining(Exception):
-    """Every worker agreed to stop at this step (a signal reached at least one of them)."""
-
-
-@dataclass
-class LoopResult:
-    epochs_done: int
-    stopped: bool  # by a signal
-    train_s: float  # this worker's time in training steps (all epochs of this attempt)
-    samples: int  # this worker's training patches in this attempt
-
-
-def make_steps(cluster: Cluster, model, global_batch: int, image: tuple[int, int]):
-    """(train_step(x, y, stop) -> [loss sum, correct pixels, pixels, stop votes], val_step(x, y) -> the first
-    three), summed over every worker; x, y are this worker's rows of a global batch of ``global_batch``."""
-    import keras
-    import tensorflow as tf
-
-    strategy = cluster.strategy
-    local = cluster.local_replicas
-    pixels = float(global_batch * image[0] * image[1])
-    optimizer = model.optimizer
-
-    def scores(y, p):
-        per_pixel = keras.losses.binary_crossentropy(y, p)
-        correct = tf.cast(tf.equal(tf.cast(p > 0.5, y.dtype), y), tf.float32)
-        return tf.reduce_sum(per_pixel), tf.reduce_sum(correct), tf.cast(tf.size(per_pixel), tf.float32)
-
-    def train_replica(x, y, stop):
-        with tf.GradientTape() as tape:
-            p = model(x, training=True)
-            loss_sum, correct, count = scores(y, p)
-            # each replica's share of the global mean: the all-reduced (summed) gradients are the global batch's
-            scaled = optimizer.scale_loss(loss_sum / pixels)
-        grads = tape.gradient(scaled, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return tf.stack([loss_sum, correct, count, stop / local])
-
-    def val_replica(x, y):
-        return tf.stack(scores(y, model(x, training=False)))
-
-    @tf.function
-    def train_fn(x, y, stop):
-        out = strategy.run(train_replica, args=(x, y, stop))
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, out, axis=None)
-
-    @tf.function
-    def val_fn(x, y):
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(val_replica, args=(x, y)), axis=None)
-
-    def distribute(x, y):
-        # this worker's rows, split again over its local replicas (one per GPU of the task)
-        xs, ys = np.array_split(x, local), np.array_split(y, local)
-        pick = lambda parts: strategy.experimental_distribute_values_from_function(  # noqa: E731
-            lambda ctx: tf.constant(parts[ctx.replica_id_in_sync_group % local]))
-        return pick(xs), pick(ys)
-
-    def train_step(x, y, stop: bool = False) -> np.ndarray:
-        return train_fn(*distribute(x, y), tf.constant(1.0 if stop else 0.0)).numpy()
-
-    def val_step(x, y) -> np.ndarray:
-        return val_fn(*distribute(x, y)).numpy()
-
-    return train_step, val_step
-
-
-def fit(cluster: Cluster, model, train_stream, val_stream, callbacks, epochs: int, start: int,
-        global_batch: int, stop_requested) -> LoopResult:
-    """Train from epoch ``start`` to ``epochs`` on every worker in step; ``callbacks`` see what Keras ``fit``
-    would show them (batch and epoch logs with loss, accuracy, val_loss, val_accuracy).
-
-    ``stop_requested()`` is polled before every step; the workers stop together at the first step where any of
-    them asks (``StopTraining``), so none waits for a partner that has left."""
-    import tensorflow as tf
-
-    train_step, val_step = make_steps(cluster, model, global_batch, train_stream.x.shape[1:3])
-    callbacks.on_train_begin()
-    logs: dict = {}
-    train_s, samples, epoch = 0.0, 0, start
-    train_it, val_it = iter(train_stream), iter(val_stream)
-    try:
-        for epoch in range(start, epochs):
-            callbacks.on_epoch_begin(epoch)
-            sums = np.zeros(3)
-            t0 = time.perf_counter()
-            for step in range(train_stream.steps):
-                callbacks.on_train_batch_begin(step)
-                x, y = next(train_it)
-                out = train_step(x, y, stop_requested())
-                if out[3] > 0:
-                    raise StopTraining()
-                sums += out[:3]
-                samples += len(x)
-                callbacks.on_train_batch_end(step, {"loss": sums[0] / sums[2], "accuracy": sums[1] / sums[2]})
-            train_s += time.perf_counter() - t0
-            logs = {"loss": float(sums[0] / sums[2]), "accuracy": float(sums[1] / sums[2])}
-            callbacks.on_test_begin()
-            vsums = np.zeros(3)
-            for step in range(val_stream.steps):
-                callbacks.on_test_batch_begin(step)
-                vsums += val_step(*next(val_it))
-                callbacks.on_test_batch_end(step, {"loss": vsums[0] / vsums[2], "accuracy": vsums[1] / vsums[2]})
-            val_logs = {"loss": float(vsums[0] / vsums[2]), "accuracy": float(vsums[1] / vsums[2])}
-            callbacks.on_test_end(val_logs)
-            logs.update({f"val_{k}": v for k, v in val_logs.items()})
-            callbacks.on_epoch_end(epoch, logs)
-            # identical logs give identical decisions, but a stop must never be one worker's alone
-            if cluster.allreduce([float(bool(model.stop_training))])[0] > 0:
-                model.stop_training = True
-                epoch += 1
-                break
-        else:
-            epoch = epochs
-    except StopTraining:
-        return LoopResult(epoch, True, train_s, samples)
-    except tf.errors.OpError as e:
-        raise lost_contact(e) from None
-    callbacks.on_train_end(logs)
-    return LoopResult(epoch, False, train_s, samples)

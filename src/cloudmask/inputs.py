@@ -1,0 +1,102 @@
+"""What a run trains, validates and tests on: the batch streams (batches.py) of the training and validation files
+and the test images, from the raw HDF5 files (pipeline.py) or a patch store (store.py), staged to node-local
+disk first when asked."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import data, pipeline, store
+from .batches import BatchStream
+from .evaluate import TestImages
+from .preprocess import Geometry
+
+
+@dataclass
+class RunInputs:
+    train_files: list[Path]
+    val_files: list[Path]
+    train_stream: BatchStream
+    val_stream: BatchStream
+    test: TestImages
+    source: str  # "streaming-hdf5" or "patch-store" (results.json input_pipeline)
+    layout: str  # the dataset layout's name, or "patch store"
+    dataset_root: Path | None = None
+    dataset_digest: str | None = None  # sha256 of the dataset's MANIFEST.sha256
+    facts: dict = field(default_factory=dict)  # paths and counts for the manifest
+
+    @property
+    def train_patches(self) -> int:
+        return self.train_stream.patches
+
+    @property
+    def val_patches(self) -> int:
+        return self.val_stream.patches
+
+
+def check(cfg) -> None:
+    """Fail now, before a run directory exists, if the data the config names cannot be opened."""
+    if cfg.data.store:
+        store.open_store(cfg.data.store, cfg)
+    else:
+        data.resolve_layout(cfg.data.root, cfg.data.train_dir, cfg.data.test_dir, need_test=cfg.infer.enabled)
+
+
+def open_inputs(cfg, start_epoch: int = 0, shard: tuple[int, int] = (0, 1), stage_to=None,
+                staged: Callable = lambda copy: copy()[0]) -> RunInputs:
+    """The run's inputs. ``stage_to``: copy the dataset there first, through ``staged(copy)``, which runs
+    ``copy() -> (staged thing, data.Staging)`` as the run's timed and logged staging step."""
+    if cfg.data.store:
+        return _from_store(cfg, start_epoch, shard, stage_to, staged)
+    return _from_raw(cfg, start_epoch, stage_to, staged)
+
+
+def _from_store(cfg, start_epoch: int, shard: tuple[int, int], stage_to, staged) -> RunInputs:
+    """Streams over a patch store (split and screened when it was prepared); with ``shard`` each worker reads
+    only its rows of every batch."""
+    path = Path(cfg.data.store).expanduser()
+    if stage_to:
+        path = staged(lambda: store.stage(store.open_store(path, cfg).path, stage_to))
+    st = store.open_store(path, cfg)
+    common = dict(batch_size=cfg.train.batch_size, seed=cfg.seed, read_threads=max(2, cfg.data.read_threads),
+                  micro_batches=cfg.accumulation_steps, resident=cfg.data.resident, shard=shard)
+    train = store.StoreStream(st, "train", shuffle=True, order=cfg.train.shuffle,
+                              window_files=cfg.train.shuffle_buffer_files, start_epoch=start_epoch, **common)
+    val = store.StoreStream(st, "val", shuffle=False, **common)
+    train_files, val_files = [Path(f) for f in st.files("train")], [Path(f) for f in st.files("val")]
+    facts = {"store": str(st.path), "source": st.meta["source"]["root"], "train_files": len(train_files),
+             "val_files": len(val_files)}
+    return RunInputs(train_files, val_files, train, val, store.test_images(st), "patch-store", "patch store",
+                     st.path, st.meta["source"].get("manifest_sha256"), facts)
+
+
+def _from_raw(cfg, start_epoch: int, stage_to, staged) -> RunInputs:
+    """Sorted files, the reference's file split, header screening, and the two streams."""
+    layout = data.resolve_layout(cfg.data.root, cfg.data.train_dir, cfg.data.test_dir, need_test=cfg.infer.enabled)
+    if stage_to:
+        layout = staged(lambda: data.stage(layout, stage_to))
+    geometry = Geometry.from_config(cfg)
+    files = data.find_files(layout.train_dir)
+    train_files, val_files = data.split_files(files, cfg.data.train_split, cfg.data.split_seed)
+    # Screen after splitting, so skipping a bad file never changes which files are validation files.
+    train_files = pipeline.screen_files(train_files, geometry, cfg.data.skip_bad, "training")
+    val_files = pipeline.screen_files(val_files, geometry, cfg.data.skip_bad, "validation")
+    common = dict(geometry=geometry, normalisation=cfg.data.normalisation, batch_size=cfg.train.batch_size,
+                  seed=cfg.seed, read_threads=cfg.data.read_threads, min_finite_fraction=cfg.data.min_finite_fraction,
+                  skip_bad=cfg.data.skip_bad, micro_batches=cfg.accumulation_steps)
+    train = pipeline.PatchStream(train_files, shuffle=True, window_files=cfg.train.shuffle_buffer_files,
+                                 start_epoch=start_epoch, what="training", **common)
+    val = pipeline.PatchStream(val_files, shuffle=False, what="validation", **common)
+    root = layout.train_dir.parent if layout.naming != "explicit" else None
+    facts = {"train_dir": str(layout.train_dir), "test_dir": str(layout.test_dir),
+             "train_files": len(train_files), "val_files": len(val_files)}
+    test = raw_test_images(cfg, layout.test_dir, data.find_files(layout.test_dir) if cfg.infer.enabled else [])
+    return RunInputs(train_files, val_files, train, val, test, "streaming-hdf5", layout.naming, root,
+                     data.manifest_digest(root) if root else None, facts)
+
+
+def raw_test_images(cfg, test_dir: Path, files: list[Path]) -> TestImages:
+    return pipeline.test_images(test_dir, files, Geometry.from_config(cfg), cfg.data.normalisation,
+                                cfg.data.min_finite_fraction)

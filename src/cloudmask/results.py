@@ -1,0 +1,163 @@
+"""``results.json``: the one builder of a run's results (trained, failed, interrupted, or inference only), the
+reference's ``result`` record for the MLPerf log, and the summary table ``bench`` prints. The schema is
+documented in docs/results.md; fields are only ever added."""
+
+from __future__ import annotations
+
+import socket
+
+from . import __version__, runtime
+from .mlperf import division
+from .tables import text_table
+
+RESULTS_SCHEMA = 1
+
+
+def _header() -> dict:
+    return {"schema_version": RESULTS_SCHEMA, "benchmark": "cloudmask", "version": __version__}
+
+
+def training_results(cfg, state: dict, history: list[dict], test: dict | None, inputs, devices: list[str],
+                     status: str, fit_s: float, wall_s: float, error: str | None = None) -> dict:
+    """A training run's results; ``inputs`` (inputs.RunInputs) and ``test`` are None for a run that stopped
+    before it had them."""
+    last = history[-1] if history else {}
+    epochs_run = len(history)
+    return {
+        **_header(),
+        "status": status,
+        "error": error,
+        "seed": cfg.seed,
+        "config_sha256": cfg.sha256(),
+        "division": division(cfg),
+        "deviations": cfg.deviations(),
+        "input_pipeline": "patch-store" if cfg.data.store else "streaming-hdf5",
+        "micro_batch_size": cfg.train.micro_batch_size or cfg.train.batch_size,
+        "backend": runtime.backend(),
+        "devices": devices or ["CPU"],
+        "epochs_configured": cfg.train.epochs,
+        "epochs_run": epochs_run,
+        "stopped_early": bool(state.get("stopped_early")),
+        "best_epoch": state.get("best_epoch"),
+        "best_val_loss": state.get("best_val_loss"),
+        "restored_best_weights": state.get("restored_best_epoch") is not None,
+        "attempts": state.get("attempts", 1),
+        "replicas": state.get("replicas", 1),
+        "strategy": state.get("strategy"),
+        "global_batch_size": state.get("global_batch_size", cfg.train.batch_size),
+        "distributed": distributed_section(state),
+        "staging": state.get("staging", []),
+        "train": {k: last.get(k) for k in ("accuracy", "loss", "val_accuracy", "val_loss")},
+        "history": {k: [row[k] for row in history] for k in ("loss", "accuracy", "val_loss", "val_accuracy")},
+        "test": test,
+        "energy": None,  # filled in when the run's telemetry is closed
+        "timing": _timing(cfg, history, test, fit_s, wall_s),
+        "samples": _samples(inputs, test),
+    }
+
+
+def _timing(cfg, history: list[dict], test: dict | None, fit_s: float, wall_s: float) -> dict:
+    epochs_run = len(history)
+    return {
+        "epoch_s": [row["epoch_s"] for row in history],
+        "train_s": fit_s,
+        "time_per_epoch_s": fit_s / epochs_run if epochs_run else None,
+        "time_per_configured_epoch_s": fit_s / cfg.train.epochs,
+        "samples_per_s": [row["samples_per_s"] for row in history],
+        "inference_s": test["inference_s"] if test else None,
+        "time_per_inference_s": test["time_per_inference_s"] if test else None,
+        "wall_s": wall_s,
+    }
+
+
+def _samples(inputs, test: dict | None) -> dict:
+    return {
+        "train": inputs.train_patches if inputs else None,
+        "val": inputs.val_patches if inputs else None,
+        "train_files": len(inputs.train_files) if inputs else None,
+        "val_files": len(inputs.val_files) if inputs else None,
+        "test_files": test["files"] if test else 0,
+        "train_steps_per_epoch": inputs.train_stream.batches if inputs else None,
+    }
+
+
+def stopped_results(cfg, state: dict, history: list[dict], status: str, error: str) -> dict:
+    """results.json for a run that stopped early (``failed`` or ``interrupted``), so reports list its reason."""
+    return training_results(cfg, state, history, None, None, [], status=status, fit_s=state.get("fit_s", 0.0),
+                            wall_s=0.0, error=error)
+
+
+def inference_results(cfg, source_run, checkpoint: str, model_file, test: dict, devices: list[str]) -> dict:
+    """``cloudmask infer``: a trained run's model scored in a new run directory."""
+    return {**_header(), "mode": "inference", "status": "success", "source_run": str(source_run),
+            "checkpoint": checkpoint, "model_file": str(model_file), "seed": cfg.seed,
+            "config_sha256": cfg.sha256(), "backend": runtime.backend(), "devices": devices or ["CPU"],
+            "test": test,
+            "timing": {"inference_s": test["inference_s"], "time_per_inference_s": test["time_per_inference_s"]}}
+
+
+def distributed_section(state: dict) -> dict:
+    """Workers, nodes, accelerators per node; with several workers each one's training throughput."""
+    topology = state.get("topology", {"source": "single", "workers": 1, "nodes": 1, "accelerators_per_node": 0,
+                                      "hosts": [socket.gethostname()]})
+    out = dict(topology)
+    reports = [r for r in state.get("worker_reports", []) if r.get("train_s")]
+    if reports:
+        out["per_worker"] = [{"rank": r["rank"], "host": r["host"], "devices": r["devices"] or ["CPU"],
+                              "train_s": r["train_s"], "patches": r["patches"],
+                              "patches_per_s": r["patches"] / r["train_s"]} for r in reports]
+        # the global batch's patches per second: every worker fed its share of every step
+        out["total_patches_per_s"] = sum(r["patches"] for r in reports) / max(r["train_s"] for r in reports)
+    return out
+
+
+def reference_result(cfg, results: dict, inputs, devices: list[str]) -> dict:
+    """The reference v1.2 ``result`` record (same field names), so existing log parsers keep working."""
+    out = {
+        "name": "cloudmask",
+        "training": {
+            "samples": len(inputs.train_files) + len(inputs.val_files),
+            **results["train"],
+            "history": results["history"],
+            "batch_size": cfg.train.batch_size,
+            "crop_size": cfg.image.overlap,
+            "learning_rate": cfg.effective_learning_rate,
+        },
+    }
+    if results["test"]:
+        out["inference"] = {"avg_accuracy": results["test"]["avg_accuracy"],
+                            "accuracy": [r["accuracy"] for r in results["test"]["per_file"]]}
+        out["inference_analyze"] = {"number": results["test"]["files"], "bs": cfg.infer.batch_size,
+                                    "nodes": results["distributed"]["nodes"], "gpus": len(devices),
+                                    "time_per_inference": results["test"]["time_per_inference_s"]}
+    return out
+
+
+def reference_log_lines(cfg, results: dict, inputs, devices: list[str]) -> list[str]:
+    """The reference's two text-log lines (spec §6.2), for parsers written against it."""
+    n_files = len(inputs.train_files) + len(inputs.val_files)
+    nodes = results["distributed"]["nodes"]
+    lines = [f"CloudMask training, samples = {n_files}, epochs={results['epochs_run']}, bs={cfg.train.batch_size}, "
+             f"nodes={nodes}, gpus={len(devices)}, time_per_epoch={results['timing']['time_per_epoch_s']:.2f}"]
+    if results["test"]:
+        lines.append(f"CloudMask inference, inferences={results['test']['files']}, bs={cfg.infer.batch_size}, "
+                     f"nodes={nodes}, gpus={len(devices)}, "
+                     f"time_per_inference={results['timing']['time_per_inference_s']:.2f}")
+    return lines
+
+
+def summary_table(results: dict) -> str:
+    t, timing, test = results["train"], results["timing"], results["test"] or {}
+    rows = [
+        ["epochs run", f"{results['epochs_run']} of {results['epochs_configured']}"],
+        ["train accuracy / loss", f"{t['accuracy']:.4f} / {t['loss']:.4f}"],
+        ["val accuracy / loss", f"{t['val_accuracy']:.4f} / {t['val_loss']:.4f}"],
+        ["test avg accuracy", f"{test['avg_accuracy']:.4f} ({test['files']} files)" if test else "-"],
+        ["majority-class baseline", f"{test['majority_baseline']:.4f}" if test else "-"],
+        ["time per epoch", f"{timing['time_per_epoch_s']:.2f} s"],
+        ["training throughput", f"{max(timing['samples_per_s']):.1f} patches/s (best epoch)"],
+        ["time per test image", f"{timing['time_per_inference_s']:.2f} s" if test else "-"],
+        ["division", f"{results['division']}" + (f" (deviations: {', '.join(results['deviations'])})"
+                                                 if results["deviations"] else "")],
+    ]
+    return text_table(["cloudmask bench", ""], rows)
