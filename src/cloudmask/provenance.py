@@ -60,7 +60,7 @@ def container_context(environ=os.environ) -> dict:
 
 def _containerenv_image() -> str | None:
     try:
-        for line in Path("/run/.containerenv").readenergy_sources._text().splitlines():
+        for line in Path("/run/.containerenv").read_text().splitlines():
             if line.startswith("image="):
                 return line.split("=", 1)[1].strip('"')
     except OSError:
