@@ -36,8 +36,19 @@ cloudmask_command() {
     esac
 }
 
+# job_step: the prefix that runs one command as its own job step (srun) inside a SLURM job, so that
+# `scancel --signal=USR1|TERM JOB` (which signals job steps, not the batch shell) reaches it; empty outside SLURM.
+# The CPUs are passed on explicitly: srun in SLURM 22.05+ no longer inherits --cpus-per-task from sbatch.
+job_step() {
+    step=()
+    if [ -n "${SLURM_JOB_ID:-}" ] && command -v srun >/dev/null; then
+        step=(srun --ntasks=1 --nodes=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}")
+    fi
+}
+
 # run_forwarding_signals COMMAND...: run it, passing USR1/TERM on; its exit status in `rc`.
-# The signal reaches the batch shell only (B: in --signal); the child checkpoints at its next batch.
+# The time limit's signal reaches the batch shell only (B: in --signal); srun hands it to the run, which
+# checkpoints at its next batch.
 run_forwarding_signals() {
     child=""
     # shellcheck disable=SC2317  # called by the traps below
@@ -57,15 +68,19 @@ run_forwarding_signals() {
 }
 
 # requeue_if_checkpointed RUN_DIR HOW_TO_CONTINUE: after exit status `rc`, requeue the job when the run stopped
-# cleanly at a checkpoint (138 = 128 + USR1, 143 = 128 + TERM) and was not cancelled; exits 0 once requeued.
+# at a checkpoint because of USR1 (138 = 128 + USR1: the time limit, or a user's `scancel --signal=USR1`);
+# exits 0 once requeued. TERM (143: `scancel JOB`, preemption) stops without a requeue: a cancel must stay
+# cancelled, and SLURM requeues a job preempted with PreemptMode=REQUEUE by itself.
 requeue_if_checkpointed() {
-    [ "$rc" = 138 ] || [ "$rc" = 143 ] || return 0
-    local state
-    state=$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | head -1)
+    case $rc in
+        138) ;;
+        143) say "stopped by TERM (scancel or preemption): checkpoint kept, not requeued" \
+                 "(continue with: scontrol requeue ${SLURM_JOB_ID:-JOB}, or $2)"
+             return 0 ;;
+        *) return 0 ;;
+    esac
     if [ -z "${SLURM_JOB_ID:-}" ]; then
         say "not a SLURM job: continue with: $2"
-    elif [ "$state" = JobState=CANCELLED ]; then
-        say "the job was cancelled: not requeued (continue later with: $2)"
     elif [ "$restarts" -ge "$MAX_REQUEUES" ]; then
         say "already restarted $restarts times (MAX_REQUEUES): not requeued"
     elif scontrol requeue "$SLURM_JOB_ID"; then

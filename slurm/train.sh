@@ -2,9 +2,10 @@
 # One seeded CloudMask training run per array task:  sbatch --array=1-5 slurm/train.sh
 #
 # Seed = BASE_SEED + SLURM_ARRAY_TASK_ID. Each task writes RESULTS_DIR/EXPERIMENT/<array job id>_<task id>/,
-# so no two tasks share a directory. 300 s before the time limit SLURM sends USR1 (and `scancel --signal=TERM`
-# or preemption sends TERM): the run checkpoints at the next batch, the task requeues itself, and the requeued
-# task resumes the same run directory from its last finished epoch.
+# so no two tasks share a directory. 300 s before the time limit SLURM sends USR1 (as does a user's
+# `scancel --signal=USR1 JOB`): the run checkpoints at the next batch, the task requeues itself, and the requeued
+# task resumes the same run directory from its last finished epoch. `scancel JOB` (TERM) checkpoints and stays
+# cancelled; `scontrol requeue JOB` continues it. docs/slurm.md lists every signal command.
 #
 # Environment (all optional; `sbatch --export=ALL,VAR=value` or export before sbatch):
 #   CONFIG       YAML config for new runs (cloudmask schema or the reference's flat file)
@@ -53,7 +54,10 @@ binds=("$RESULTS_DIR")
 cloudmask_command "${binds[@]}"
 
 args=(train --out "$run_dir")
-if [ -f "$run_dir/config.yaml" ]; then
+if grep -qs '"status": "success"' "$run_dir/results.json"; then  # requeued after it finished: nothing to do
+    say "task $task (restart $restarts): $run_dir already finished; nothing to resume"
+    exit 0
+elif [ -f "$run_dir/config.yaml" ]; then
     say "task $task (restart $restarts): resuming $run_dir"
     args+=(--resume)
 else
@@ -68,8 +72,9 @@ fi
 # shellcheck disable=SC2206  # EXTRA_ARGS is a word list by design
 [ -n "${EXTRA_ARGS:-}" ] && args+=($EXTRA_ARGS)
 
-say "${cloudmask[*]} ${args[*]}"
-run_forwarding_signals "${cloudmask[@]}" "${args[@]}"
+job_step
+say "${step[*]} ${cloudmask[*]} ${args[*]}"
+run_forwarding_signals "${step[@]}" "${cloudmask[@]}" "${args[@]}"
 say "cloudmask exited with $rc"
 requeue_if_checkpointed "$run_dir" "cloudmask train --resume --out $run_dir"
 exit "$rc"

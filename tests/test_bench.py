@@ -27,6 +27,11 @@ def test_bench_end_to_end_beats_the_majority_baseline(tmp_path):
     assert "# csv,timer,1,run/train," in (out / "console.log").read_text()
     assert r["status"] == "success" and r["epochs_run"] == 5
     assert r["division"] == "closed" and r["deviations"] == {}  # the reference model and hyper-parameters
+    # the preset's memory saving is recorded: batch 32 as 4 accumulated micro-batches of 8
+    assert (r["global_batch_size"], r["micro_batch_size"], r["gradient_accumulation_steps"]) == (32, 8, 4)
+    logged = [json.loads(line.split(":::MLLOG", 1)[1]) for line in (out / "mlperf.log").read_text().splitlines()
+              if ":::MLLOG" in line]
+    assert [e["value"] for e in logged if e["key"] == "gradient_accumulation_steps"] == [4]
     assert r["test"]["files"] == 4 and len(list((out / "masks").glob("*.h5"))) == 4
     assert r["test"]["avg_accuracy"] > r["test"]["majority_baseline"] + 0.05, r["test"]
     assert "test avg accuracy" in done.stdout and "majority-class baseline" in done.stdout

@@ -15,6 +15,7 @@ def _write_log(path, drop=(), division="open", batch=8, lr=0.001):
         ("event", "submission_division", division, {}), ("event", "submission_status", "research", {}),
         ("event", "submission_platform", "ci", {}), ("event", "cache_clear", False, {}),
         ("event", "seed", 1234, {}), ("event", "global_batch_size", batch, {}), ("event", "opt_name", "adam", {}),
+        ("event", "gradient_accumulation_steps", 1, {}),
         ("event", "opt_base_learning_rate", lr, {}), ("event", "train_samples", 80, {}),
         ("event", "eval_samples", 20, {}), ("event", "number_of_nodes", 1, {}),
         ("event", "accelerators_per_node", 0, {}),
@@ -39,7 +40,8 @@ def test_a_complete_log_passes(tmp_path):
 
 
 @pytest.mark.parametrize("key", ["run_stop", "run_start", "init_stop", "seed", "submission_benchmark",
-                                 "eval_accuracy", "epoch_start", "result", "train_samples"])
+                                 "eval_accuracy", "epoch_start", "result", "train_samples",
+                                 "gradient_accumulation_steps"])
 def test_a_log_missing_a_required_key_fails(tmp_path, key):
     ok, output = mlperf.check_log(_write_log(tmp_path / "mlperf.log", drop=(key,)))
     assert not ok

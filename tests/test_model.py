@@ -20,7 +20,8 @@ def test_layer_details_follow_the_reference():
     assert [c.filters for c in convs] == [32, 32, 64, 64, 128, 128, 256, 256, 128, 128, 64, 64, 32, 32, 1]
     for c in convs[:-1]:
         assert c.kernel_size == (3, 3) and c.padding == "same" and c.use_bias
-        assert type(c.kernel_initializer).__name__ == "HeNormal"
+    # the 1x1 head too (reference model.py: Conv2D(1, 1, ..., kernel_initializer='he_normal'))
+    assert all(type(c.kernel_initializer).__name__ == "HeNormal" for c in convs)
     assert convs[-1].kernel_size == (1, 1) and convs[-1].activation.__name__ == "sigmoid"
     ups = [layer for layer in m.layers if type(layer).__name__ == "UpSampling2D"]
     assert all(u.interpolation == "nearest" for u in ups)

@@ -60,16 +60,28 @@ def test_report_groups_repeats_and_lists_broken_runs(tmp_path):
     (exp / "1_5").mkdir()
     (exp / "1_5" / "config.yaml").write_text("seed: 5\n")
     (exp / "1_5" / "results.json").write_text("{truncated")
+    (exp / "1_6").mkdir()
+    (exp / "1_6" / "config.yaml").write_text("seed: 6\n")
+    (exp / "1_6" / "results.json").write_text(json.dumps({"status": 42, "test": "x"}))  # wrong types
+    (exp / "1_7").mkdir()  # no config.yaml, and a results.json that is not an object
+    (exp / "1_7" / "results.json").write_text("[1, 2]")
+    _fake_run(exp / "1_8", 8, 0.9, 1.0)
+    bad = json.loads((exp / "1_8" / "results.json").read_text())
+    bad["energy"]["gpu"] = "lots"  # a nested section of the wrong shape
+    (exp / "1_8" / "results.json").write_text(json.dumps(bad))
 
     done = run_cli("report", str(tmp_path / "results"), "--format", "csv")
     assert done.returncode == 0, done.stderr
     out = tmp_path / "results" / "report"
     rows = list(csv.DictReader(open(out / "runs.csv")))
     by_run = {r["run"]: r for r in rows}
-    assert [r["status"] for r in rows] == ["success", "success", "failed", "failed", "failed"]
+    assert [r["status"] for r in rows] == ["success", "success", "failed", "failed"] + ["unreadable"] * 4
     assert by_run["base/1_3"]["reason"] == "DataError: x.hdf unreadable"
     assert "no results.json" in by_run["base/1_4"]["reason"]
-    assert "results.json unreadable" in by_run["base/1_5"]["reason"]
+    assert by_run["base/1_5"]["reason"].startswith("results.json: Expecting property name")
+    assert "status 42 is none of success, failed, interrupted" in by_run["base/1_6"]["reason"]
+    assert "not a JSON object but list" in by_run["base/1_7"]["reason"]
+    assert "unexpected structure" in by_run["base/1_8"]["reason"]
     assert by_run["base/1_1"]["gpu_energy_per_epoch_j"] == "950"
     assert done.stdout == (out / "runs.csv").read_text()
 
@@ -81,7 +93,7 @@ def test_report_groups_repeats_and_lists_broken_runs(tmp_path):
 
     md = (out / "report.md").read_text()
     problems = md.split("## Failed")[1]
-    for name in ("base/1_3", "base/1_4", "base/1_5"):
+    for name in ("base/1_3", "base/1_4", "base/1_5", "base/1_6", "base/1_7", "base/1_8"):
         assert name in problems
     first = {p.name: p.read_bytes() for p in out.iterdir()}
     assert run_cli("report", str(tmp_path / "results")).returncode == 0
@@ -90,6 +102,12 @@ def test_report_groups_repeats_and_lists_broken_runs(tmp_path):
 
 def test_report_of_a_missing_directory_is_a_clean_error(tmp_path):
     assert_clean_error(run_cli("report", str(tmp_path / "nope")), "no such directory")
+
+
+def test_report_of_a_directory_without_runs_is_an_error_not_zero_runs(tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    assert_clean_error(run_cli("report", str(tmp_path / "empty")), "no runs found", "config.yaml or results.json")
+    assert not (tmp_path / "empty" / "report").exists()
 
 
 def _is_png(path, min_bytes=5_000):

@@ -75,16 +75,43 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 
 def wait_until_done(env: dict, *jobs: str, timeout: float = 420, on_pending=None, restarts: int = 0) -> None:
     """Until every task of ``jobs`` is in a final state per the controller (squeue alone is not enough: a job
-    being requeued briefly leaves its listing), after at least ``restarts`` requeues of each."""
-    deadline = time.time() + timeout
+    being requeued briefly leaves its listing), after at least ``restarts`` requeues of each. A final state
+    counts once two polls 3 s apart agree: a requeue in progress can show one for a moment on a loaded machine."""
+    deadline, settled = time.time() + timeout, None
     while time.time() < deadline:
         records = [r for job in jobs for r in job_records(env, job)]
+        final = [(r["JobState"], r["Restarts"]) for r in records]
         if all(r["JobState"] in TERMINAL and int(r["Restarts"]) >= restarts for r in records):
-            return
-        if on_pending:
-            on_pending(sh(env, "squeue", "-h", "-r", "-o", "%i %T %r", "-j", ",".join(jobs)))
+            if settled and settled[0] == final and time.time() - settled[1] >= 3:
+                return
+            settled = settled if settled and settled[0] == final else (final, time.time())
+        else:
+            settled = None
+            if on_pending:
+                on_pending(sh(env, "squeue", "-h", "-r", "-o", "%i %T %r", "-j", ",".join(jobs)))
         time.sleep(1)
     raise AssertionError(f"jobs {jobs} not finished after {timeout} s:\n{records}")
+
+
+def wait_for_epoch(run: Path, epochs: int, log_file: Path, timeout: float = 300) -> None:
+    """Until the run has committed ``epochs`` epochs (state.json)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if json.loads((run / "state.json").read_text()).get("epochs_done", 0) >= epochs:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError(log_file.read_text() if log_file.exists() else "task never started")
+
+
+def release_requeued(env: dict, task: str):
+    """SLURM holds a requeued batch job for 120 s (its begin time); release it at once to keep the test short."""
+    def release(queued: str):
+        if "BeginTime" in queued:
+            sh(env, "scontrol", "update", f"jobid={task}", "StartTime=now")
+    return release
 
 
 def results_of(run: Path) -> dict:
@@ -126,46 +153,70 @@ def test_an_array_of_two_then_the_aggregation(cluster, dataset, tmp_path):
     assert "| pair | " in summary and "test accuracy | 2 |" in summary
 
 
-def test_usr1_checkpoints_requeues_and_resumes_the_same_run(cluster, dataset, tmp_path):
-    epochs = 6
-    env = {**cluster, "DATA_DIR": str(dataset), "RESULTS_DIR": str(tmp_path / "results"), "EXPERIMENT": "pre",
-           "EXTRA_ARGS": f"{TINY_ARGS} --set train.epochs={epochs}"}
+def _submit_one(env: dict, tmp_path: Path, experiment: str, epochs: int) -> tuple[str, Path, Path]:
+    env.update({"RESULTS_DIR": str(tmp_path / "results"), "EXPERIMENT": experiment,
+                "EXTRA_ARGS": f"{TINY_ARGS} --set train.epochs={epochs}"})
     log_file = tmp_path / "task.out"
     job = sh(env, "sbatch", "--parsable", "--array=1", *SMALL_NODE, f"--output={log_file}", str(TRAIN_SH))
-    run = tmp_path / "results" / "pre" / f"{job}_1"
+    return job, tmp_path / "results" / experiment / f"{job}_1", log_file
 
+
+def test_usr1_from_the_time_limit_or_the_user_requeues_and_resumes_the_same_run(cluster, dataset, tmp_path):
+    """The time limit's `--signal=B:USR1@300` (USR1 to the batch shell, which hands it on), then a user's
+    `scancel --signal=USR1 JOB` (USR1 to the job step): each checkpoints, requeues and resumes."""
+    epochs = 6
+    env = {**cluster, "DATA_DIR": str(dataset)}
+    job, run, log_file = _submit_one(env, tmp_path, "pre", epochs)
+    wait_for_epoch(run, 1, log_file)
+    sh(env, "scancel", "--signal=USR1", "--batch", f"{job}_1")  # what the time limit's B:USR1 does
     deadline = time.time() + 300
-    while time.time() < deadline:  # signal once the first epoch is committed
-        try:
-            if json.loads((run / "state.json").read_text()).get("epochs_done", 0) >= 1:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.2)
-    else:
-        raise AssertionError(log_file.read_text() if log_file.exists() else "task never started")
-    # what --signal=B:USR1@300 does before the time limit: USR1 to the batch shell only
-    sh(env, "scancel", "--signal=USR1", "--batch", f"{job}_1")
+    while int(job_records(env, job)[0]["Restarts"]) < 1 or job_records(env, job)[0]["JobState"] != "RUNNING":
+        release_requeued(env, f"{job}_1")(sh(env, "squeue", "-h", "-r", "-o", "%i %T %r", "-j", job))
+        assert time.time() < deadline, log_file.read_text()
+        time.sleep(0.5)
+    wait_for_epoch(run, json.loads((run / "state.json").read_text())["epochs_done"] + 1, log_file)
+    sh(env, "scancel", "--signal=USR1", f"{job}_1")  # the user's command: the job step, not the batch shell
 
-    def release(queued: str):
-        # SLURM holds a requeued batch job for 120 s (its begin time); release it at once to keep the test short
-        if "BeginTime" in queued:
-            sh(env, "scontrol", "update", f"jobid={job}_1", "StartTime=now")
-
-    wait_until_done(env, job, on_pending=release, restarts=1)
+    wait_until_done(env, job, on_pending=release_requeued(env, f"{job}_1"), restarts=2)
     log = log_file.read_text()
-    assert "received USR1" in log and f"requeued job {job}" in log, log
-    assert "(restart 1): resuming" in log, log
+    assert log.count("requeued job") == 2 and "received USR1" in log, log
+    assert "(restart 1): resuming" in log and "(restart 2): resuming" in log, log
     record = job_records(env, job)[0]
-    assert record["Restarts"] == "1" and record["JobState"] == "COMPLETED", record
+    assert record["Restarts"] == "2" and record["JobState"] == "COMPLETED", record
 
     r = results_of(run)
-    assert r["status"] == "success" and r["attempts"] == 2 and r["epochs_run"] == epochs
-    resumed_after = int(re.search(r"resuming after epoch (\d+)", (run / "console.log").read_text())[1])
-    assert 1 <= resumed_after < epochs
+    assert r["status"] == "success" and r["attempts"] == 3 and r["epochs_run"] == epochs
+    resumed = [int(n) for n in re.findall(r"resuming after epoch (\d+)", (run / "console.log").read_text())]
+    assert len(resumed) == 2 and 1 <= resumed[0] < resumed[1] < epochs, resumed
     with open(run / "history.csv") as f:  # every epoch once: resumed, not restarted
         assert [int(row["epoch"]) for row in csv.DictReader(f)] == list(range(1, epochs + 1))
     assert run_cli("check-log", str(run)).returncode == 0
+
+
+def test_scancel_cancels_keeps_the_checkpoint_and_scontrol_requeue_continues(cluster, dataset, tmp_path):
+    """A user's `scancel JOB` is a cancel, not a preemption: the run checkpoints and the job stays CANCELLED;
+    `scontrol requeue JOB` (docs/slurm.md) later continues the same run directory."""
+    epochs = 3
+    env = {**cluster, "DATA_DIR": str(dataset)}
+    job, run, log_file = _submit_one(env, tmp_path, "cancel", epochs)
+    wait_for_epoch(run, 1, log_file)
+    sh(env, "scancel", job)
+    wait_until_done(env, job)
+    record = job_records(env, job)[0]
+    assert (record["JobState"], record["Restarts"]) == ("CANCELLED", "0"), record
+    log = log_file.read_text()
+    assert "requeued job" not in log and "not requeued" in log, log
+    r = results_of(run)
+    assert r["status"] == "interrupted" and "SIGTERM received" in r["error"], r
+    kept = json.loads((run / "state.json").read_text())["epochs_done"]
+    assert 1 <= kept < epochs and (run / "checkpoints").is_dir()
+
+    sh(env, "scontrol", "requeue", job)
+    wait_until_done(env, job, on_pending=release_requeued(env, f"{job}_1"), restarts=1)
+    assert job_records(env, job)[0]["JobState"] == "COMPLETED", log_file.read_text()
+    r = results_of(run)
+    assert r["status"] == "success" and r["attempts"] == 2 and r["epochs_run"] == epochs
+    assert f"resuming after epoch {kept}" in (run / "console.log").read_text()
 
 
 def test_a_grid_with_a_failing_experiment(cluster, dataset, tmp_path):

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,6 +131,33 @@ def test_an_existing_run_directory_is_refused_and_left_alone(finished_run, datas
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 
+def test_resume_of_a_finished_run_is_refused_and_changes_nothing(finished_run):
+    out, _ = finished_run
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    done = run_cli("train", "--resume", "--out", str(out))
+    assert_clean_error(done, str(out), "has finished", "cloudmask infer")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert run_cli("check-log", str(out)).returncode == 0
+
+
+def test_wrong_paths_are_named_for_what_they_are(finished_run, dataset, tmp_path):
+    out, _ = finished_run
+    assert_clean_error(run_cli("infer", str(tmp_path / "nope")), "no such run directory to score")
+    (tmp_path / "plain").write_text("x")
+    assert_clean_error(run_cli("train", "--resume", "--out", str(tmp_path / "plain")), "is a file, not a run")
+    assert_clean_error(run_cli("train", "--data", str(dataset), "--out", str(tmp_path / "plain")),
+                       "a file of that name already exists")
+    assert_clean_error(run_cli("infer", str(tmp_path / "plain")), "is a file, not a run directory")
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    state = json.loads((copy / "state.json").read_text())
+    state["phase"] = "training"
+    (copy / "state.json").write_text(json.dumps(state))
+    (copy / state["latest"]).unlink()
+    assert_clean_error(run_cli("train", "--resume", "--out", str(copy)), state["latest"].split("/")[-1],
+                       "checkpoint missing")
+
+
 def test_resume_with_a_different_config_is_refused(finished_run):
     out, _ = finished_run
     done = run_cli("train", "--resume", "--out", str(out), "--set", "train.epochs=9")
@@ -144,10 +172,25 @@ def test_missing_data_is_a_clean_error(tmp_path):
     assert_clean_error(done, str(tmp_path))
 
 
+def _history_columns(run) -> list[dict]:
+    """history.csv without its timing columns: every metric, validation included."""
+    with open(run / "history.csv") as f:
+        return [{k: v for k, v in row.items() if not k.endswith("_s")} for row in csv.DictReader(f)]
+
+
+def _weights(run):
+    import keras
+
+    return keras.models.load_model(run / "model.keras").get_weights()
+
+
 def test_sigterm_then_resume_continues_and_matches_an_uninterrupted_run(dataset, tmp_path):
+    """Deterministic: the resumed run's whole history.csv (validation too) and final weights equal an
+    uninterrupted run's. With micro-batches, as the bench preset: Keras re-chained the two batches it peeked at
+    in front of every validation pass of a plain stream, so validation differed after a resume."""
     out = tmp_path / "run"
     args = ["train", "--data", str(dataset), "--out", str(out)]
-    sets = [*TINY, "train.epochs=4", "train.deterministic=true"]
+    sets = [*TINY, "train.epochs=4", "train.deterministic=true", "train.micro_batch_size=4"]
     proc = subprocess.Popen([sys.executable, "-m", "cloudmask", *args, *sum((["--set", s] for s in sets), [])],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
@@ -172,9 +215,43 @@ def test_sigterm_then_resume_continues_and_matches_an_uninterrupted_run(dataset,
     assert f"resuming after epoch {done_before}" in (out / "console.log").read_text()
     assert run_cli("check-log", str(out)).returncode == 0
 
-    straight = _train(dataset, tmp_path / "straight", "train.epochs=4", "train.deterministic=true")
+    straight = _train(dataset, tmp_path / "straight", "train.epochs=4", "train.deterministic=true",
+                      "train.micro_batch_size=4")
+    assert _history_columns(out) == _history_columns(tmp_path / "straight")
     assert resumed["history"] == straight["history"]
+    assert all(np.array_equal(a, b) for a, b in zip(_weights(out), _weights(tmp_path / "straight")))
     assert resumed["test"]["avg_accuracy"] == straight["test"]["avg_accuracy"]
+
+
+def test_sigterm_during_inference_stops_cleanly_and_resume_scores_only(dataset, tmp_path):
+    out = tmp_path / "run"
+    sets = [*TINY, "train.epochs=1", "infer.images_per_call=1", "telemetry.idle_seconds=0"]
+    proc = subprocess.Popen([sys.executable, "-m", "cloudmask", "train", "--data", str(dataset), "--out", str(out),
+                             *sum((["--set", s] for s in sets), [])], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # training over, the model saved: inference next
+        try:
+            if json.loads((out / "state.json").read_text()).get("phase") == "inference":
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr and "stopped during inference" in stderr and "--resume" in stderr
+    stopped = json.loads((out / "results.json").read_text())
+    assert stopped["status"] == "interrupted" and stopped["epochs_run"] == 1 and stopped["test"] is None
+    history = (out / "history.csv").read_text()
+
+    done = run_cli("train", "--resume", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    r = json.loads((out / "results.json").read_text())
+    assert r["status"] == "success" and r["attempts"] == 2 and r["test"]["files"] == 2
+    assert (out / "history.csv").read_text() == history  # training was not repeated
+    assert "epoch 1/1" not in done.stdout
+    assert run_cli("check-log", str(out)).returncode == 0
 
 
 def test_a_corrupt_checkpoint_on_resume(dataset, tmp_path):

@@ -73,7 +73,7 @@ def throughput(cfg: Config, data_root: str | None, warmup: int, steps: int, as_j
 def infer_only(source: str | os.PathLike, checkpoint: str = "final", data_root: str | None = None,
                out: str | None = None, overrides: list[str] = ()) -> dict:
     """Score a trained run's model on the test set in a new run directory (the source run is only read)."""
-    src = RunDir.for_resume(source)
+    src = RunDir.existing(source, "score")
     cfg = src.config()
     values = {"data.root": data_root, "data.test_dir": None} if data_root else {}
     cfg = cfg.with_values(values, "--data").with_overrides(overrides)

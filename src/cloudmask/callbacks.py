@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from mlperf_logging.mllog import constants as C
 from . import fileio
 from .errors import RunDirError
 from .rundir import RunDir
+from .signals import StopSignals
 from .worker_loop import StopTraining
 
 log = logging.getLogger(__name__)
@@ -161,30 +161,15 @@ def save_model(model: keras.Model, target: Path) -> None:
 
 
 class Interrupter(keras.callbacks.Callback):
-    """Turns SIGTERM/SIGUSR1 into a clean stop at the next batch (the signal handler itself only sets a flag);
-    the partial epoch is discarded and a resumed run repeats it from the last checkpoint with the same order."""
+    """A stop request (signals.StopSignals) becomes a clean stop at the next batch; the partial epoch is
+    discarded and a resumed run repeats it from the last checkpoint with the same order."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
+    def __init__(self, stop: StopSignals):
         super().__init__()
-        self.signum: int | None = None
-        self._previous = {}
-
-    def install(self):
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def uninstall(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def _handle(self, signum, frame):
-        self.signum = signum
+        self.stop = stop
 
     def _check(self, batch=None, logs=None):
-        if self.signum is not None:
+        if self.stop.requested:
             raise StopTraining()
 
     on_train_batch_end = _check
@@ -192,6 +177,9 @@ class Interrupter(keras.callbacks.Callback):
 
 
 def load_checkpoint(path: Path) -> keras.Model:
+    if not path.is_file():
+        raise RunDirError(f"{path}: checkpoint missing", "it was removed or never written: start a new run "
+                          "(the run directory is left as it is)")
     try:
         return keras.models.load_model(path)
     except Exception as e:  # Keras raises many types for a damaged archive; all mean the same to the user

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__, commands
-from .errors import CloudmaskError
+from .errors import CloudmaskError, describe_os_error
 
 
 # ------------------------------------------------------------------------------------------------- parser
@@ -242,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     except CloudmaskError as e:
         print(f"cloudmask: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a library's own write (not through fileio) failing on a full or read-only disk
+        if os.environ.get("CLOUDMASK_DEBUG"):
+            raise
+        print(f"cloudmask: error: {describe_os_error(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("cloudmask: interrupted", file=sys.stderr)
         return 130

@@ -252,7 +252,7 @@ def grid_status(args) -> int:
     print(text_table(["experiment", "task", "seed", "job", "state", "reason"],
                      [[s.experiment, s.task, s.seed, s.job, s.state, s.reason] for s in states]))
     counts = {k: sum(s.state == k for s in states) for k in ("done", "running", "pending", "interrupted", "failed",
-                                                             "missing")}
+                                                             "unreadable", "missing")}
     print(", ".join(f"{v} {k}" for k, v in counts.items() if v) + ("" if asked else
                                                                     "  (squeue unavailable: queue not consulted)"))
     return 0
@@ -264,7 +264,7 @@ def grid_resubmit(args) -> int:
     experiments, states, _ = _grid_states(args.dir)
     todo: dict[str, list[int]] = {}
     for s in states:
-        if s.state in ("failed", "missing", "interrupted"):
+        if s.state in ("failed", "unreadable", "missing", "interrupted"):
             todo.setdefault(s.experiment, []).append(s.task)
     if not todo:
         print("nothing to resubmit: every task is done, running or pending")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from .fileio import AppendLog
 from .rundir import CONSOLE_LOG, RunDir
 
 LOGGER = "cloudmask"
@@ -36,8 +37,10 @@ def quiet() -> None:
 
 
 def attach(run: RunDir) -> logging.Handler:
-    """Send the package's log lines to ``console.log`` in the run directory (appending on resume)."""
-    handler = logging.FileHandler(run / CONSOLE_LOG, mode="a")
+    """Send the package's log lines to ``console.log`` in the run directory (appending on resume). A write that
+    fails there (a full disk) drops the file's later lines; stdout still has them, and the failing write of a
+    checkpoint or result stops the run with the reason."""
+    handler = AppendLog(run / CONSOLE_LOG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     logging.getLogger(LOGGER).addHandler(handler)
     return handler

@@ -92,8 +92,9 @@ def score(predicted: np.ndarray, truth: np.ndarray) -> dict:
             "predicted_cloud_fraction": (tp + fp) / p.size, "tp": tp, "fp": fp, "fn": fn, "tn": tn}
 
 
-def evaluate(model, images: TestImages, cfg, masks_dir: Path | None) -> dict:
-    """Score ``model`` on ``images``; returns the ``test`` section of results.json plus timing."""
+def evaluate(model, images: TestImages, cfg, masks_dir: Path | None, stop_requested=lambda: False) -> dict | None:
+    """Score ``model`` on ``images``; returns the ``test`` section of results.json plus timing, or None when
+    ``stop_requested()`` turned true between two predict calls (a signal: the caller stops the run)."""
     geometry = Geometry.from_config(cfg)
     infer = cfg.infer
     threshold = infer.threshold
@@ -125,8 +126,12 @@ def evaluate(model, images: TestImages, cfg, masks_dir: Path | None) -> dict:
             continue
         group.append((path, loaded))
         if len(group) == infer.images_per_call:
+            if stop_requested():
+                return None
             flush(group)
             group = []
+    if stop_requested():
+        return None
     if group:
         flush(group)
     inference_s = time.perf_counter() - t0

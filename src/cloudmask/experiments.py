@@ -17,6 +17,7 @@ import yaml
 from . import __version__, fileio
 from .config import Config, config_from_dict, load_config, yaml_load
 from .errors import ConfigError, RunDirError
+from .results import schema_problem
 from .rundir import CONFIG, RESULTS
 
 # --------------------------------------------------------------------------------------------- experiments
@@ -258,14 +259,17 @@ def task_states(exp: Experiment, queue: dict[str, str] | None = None) -> list[Ta
 
 
 def run_state(run: Path) -> tuple[str, str]:
-    """(done | failed | interrupted, reason) of a run directory no longer in the queue."""
+    """(done | failed | interrupted | unreadable, reason) of a run directory no longer in the queue."""
     path = run / RESULTS
     if not path.is_file():
         return "failed", "no results.json: the run crashed or was killed (see console.log and the SLURM log)"
     try:
         results = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        return "failed", f"results.json unreadable ({e})"
+        return "unreadable", f"results.json: {e}"
+    problem = schema_problem(results)
+    if problem:
+        return "unreadable", f"results.json: {problem} (docs/results.md)"
     status = results.get("status")
     if status == "success":
         return "done", ""

@@ -6,24 +6,46 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .errors import OutputError
+
+
+@contextmanager
+def writing(target: str | os.PathLike, *also: str | os.PathLike):
+    """OS errors of writing ``target`` (or its temporary ``also`` names) become one OutputError naming it; an
+    error about some other file (a source being read) passes through unchanged."""
+    ours = {None, str(target), *map(str, also)}
+    try:
+        yield
+    except FileExistsError:
+        raise  # not a fault: the caller decides (a taken name)
+    except OSError as e:
+        if e.filename not in ours:
+            raise
+        raise OutputError(target, e) from e
+
 
 @contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str = ""):
-    """Yield a temporary path next to ``target``; rename it onto ``target`` if the block succeeds."""
+    """Yield a temporary path next to ``target``; rename it onto ``target`` if the block succeeds. A failed block
+    (a full disk, say) leaves the previous ``target`` as it was and no temporary file."""
     target = Path(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
-    os.close(fd)
+    with writing(target):
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
+        os.close(fd)
     try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are shared like any other file
-        os.replace(tmp, target)
+        with writing(target, tmp):
+            yield Path(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are shared like any other file
+            os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -37,8 +59,9 @@ def atomic_dir(target: str | os.PathLike):
     the same thing first) the temporary one is removed and FileExistsError raised: the caller decides whether
     the other copy is as good as its own."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    with writing(target, target.parent):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
@@ -101,6 +124,23 @@ def read_csv(path: Path) -> list[dict]:
         return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+class AppendLog(logging.FileHandler):
+    """A log file appended to line by line (console.log, mlperf.log). A failed write is kept in ``error``
+    (as OutputError) instead of logging's traceback on stderr for every later line."""
+
+    def __init__(self, path: Path):
+        with writing(path):
+            super().__init__(path, mode="a")
+        self.error: OutputError | None = None
+
+    def handleError(self, record):
+        exc = sys.exc_info()[1]
+        if self.error is None and isinstance(exc, OSError):
+            self.error = OutputError(self.baseFilename, exc)
+        elif not isinstance(exc, OSError):
+            super().handleError(record)
 
 
 def _jsonable(value):

@@ -20,6 +20,7 @@ from mlperf_logging.mllog.mllog import MLLogger
 from mlperf_logging.mllog import constants as C
 
 from .errors import CloudmaskError
+from .fileio import AppendLog
 from .runtime import cpu_model
 
 RULESET = "cloudmask_1.0.0.yaml"
@@ -36,7 +37,7 @@ class MLPerfLog:
         self._logger = logging.getLogger(f"cloudmask.mllog.{id(self)}")
         self._logger.propagate = False
         self._logger.setLevel(logging.INFO)
-        self._handler = logging.FileHandler(self.path, mode="a")
+        self._handler = AppendLog(self.path)
         self._logger.addHandler(self._handler)
         # metadata.file is made relative to the package, so logs of different machines compare line by line
         self._mllog = MLLogger(self._logger, default_stack_offset=2,
@@ -44,12 +45,20 @@ class MLPerfLog:
 
     def event(self, key: str, value=None, **metadata):
         self._mllog.event(key=key, value=value, metadata=metadata or None)
+        self._check()
 
     def start(self, key: str, value=None, **metadata):
         self._mllog.start(key=key, value=value, metadata=metadata or None)
+        self._check()
 
     def end(self, key: str, value=None, **metadata):
         self._mllog.end(key=key, value=value, metadata=metadata or None)
+        self._check()
+
+    def _check(self):
+        # a lost line makes the log fail its check: the run must not be reported as a success
+        if self._handler.error is not None:
+            raise self._handler.error
 
     def close(self):
         self._handler.close()
@@ -83,6 +92,7 @@ def log_hyperparameters(log: MLPerfLog, cfg, train_samples: int, eval_samples: i
                         accelerators_per_node: int) -> None:
     log.event(C.SEED, cfg.seed)
     log.event(C.GLOBAL_BATCH_SIZE, cfg.train.batch_size)
+    log.event(C.GRADIENT_ACCUMULATION_STEPS, cfg.accumulation_steps)
     log.event(C.OPT_NAME, "adam")
     log.event(C.OPT_BASE_LR, cfg.effective_learning_rate)
     log.event(C.TRAIN_SAMPLES, train_samples)

@@ -2,8 +2,8 @@
 
 Per level: two 3x3 'same' convolutions (he_normal, with bias), each followed by a separate ReLU layer; 2x2 max
 pooling down; nearest-neighbour 2x upsampling; skip connections concatenated as [upsampled, skip]; a 1x1 sigmoid
-head giving P(cloud). No batch normalisation, no dropout. Defaults (filters 32, depth 3) give 1,948,609
-parameters and the reference's 39 layers.
+head giving P(cloud), he_normal like every other convolution (reference model.py). No batch normalisation, no
+dropout. Defaults (filters 32, depth 3) give 1,948,609 parameters and the reference's 39 layers.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def build_unet(patch_size: int = 256, channels: int = 9, filters: int = 32, dept
         x = layers.Concatenate(name=f"dec{level + 1}_concat")([x, skips[level]])
         x = _conv_block(x, filters * 2**level, f"dec{level + 1}")
     # float32 head keeps the probabilities (and the loss) in full precision under a mixed-precision policy
-    outputs = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="cloud_probability")(x)
+    outputs = layers.Conv2D(1, 1, activation="sigmoid", kernel_initializer="he_normal", dtype="float32",
+                            name="cloud_probability")(x)
     return keras.Model(inputs, outputs, name=name)
 
 

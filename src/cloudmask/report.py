@@ -64,10 +64,7 @@ def collect(dirs: list[str | os.PathLike]) -> Report:
     if len(roots) == 1 and (base / CONFIG).is_file() and not (base / EXPERIMENT).is_file():
         base = base.parent  # a single run directory: name it by its own name
     for root in roots:
-        for config in sorted(root.rglob(CONFIG)):
-            run = config.parent
-            if (run / EXPERIMENT).is_file() or "report" in run.relative_to(root).parts:
-                continue
+        for run in _run_dirs(root):
             name = run.resolve().relative_to(base).as_posix()
             rows[name], histories[name] = _run_row(run, name)
             if (run / "power.csv").is_file():
@@ -89,9 +86,20 @@ def collect(dirs: list[str | os.PathLike]) -> Report:
                     row = rows.get(name) or _empty_row(_experiment_label(exp, base), name)
                     row.update(status=st.state, seed=st.seed, reason=st.reason)
                     rows[name] = row
+    if not rows:
+        raise ReportError(f"{', '.join(map(str, roots))}: no runs found (no config.yaml or results.json below)",
+                          "pass run, experiment or results directories")
     ordered = [rows[k] for k in sorted(rows, key=lambda k: (rows[k]["experiment"], k))]
     return Report(ordered, summarise(ordered), {k: histories[k] for k in sorted(histories)},
                   {k: power[k] for k in sorted(power)})
+
+
+def _run_dirs(root: Path) -> list[Path]:
+    """Every run directory below ``root``: one with config.yaml or results.json (a damaged run is listed with
+    its problem, never dropped), except experiment directories and reports."""
+    found = {p.parent for name in (CONFIG, RESULTS) for p in root.rglob(name)}
+    return sorted(run for run in found
+                  if not (run / EXPERIMENT).is_file() and "report" not in run.relative_to(root).parts)
 
 
 def _experiment_label(exp: Experiment, base: Path) -> str:
@@ -106,17 +114,28 @@ def _empty_row(experiment: str, name: str) -> dict:
 
 
 def _run_row(run: Path, name: str) -> tuple[dict, dict]:
+    """The run's row of the runs table and its per-epoch history; a results.json whose structure is not the
+    documented one is listed as ``unreadable`` with the reason."""
+    try:
+        return _read_run(run, name)
+    except (AttributeError, TypeError, ValueError) as e:
+        row = _empty_row(run.resolve().parent.name if "/" not in name else name.rsplit("/", 1)[0], name)
+        row.update(status="unreadable", reason=f"results.json: unexpected structure ({type(e).__name__}: {e})")
+        return row, {}
+
+
+def _read_run(run: Path, name: str) -> tuple[dict, dict]:
     experiment = name.rsplit("/", 1)[0] if "/" in name else run.resolve().parent.name
     row = _empty_row(experiment, name)
     history: dict = {}
     state, reason = run_state(run)
     row["status"] = {"done": "success"}.get(state, state)
     row["reason"] = reason
-    try:
-        results = json.loads((run / RESULTS).read_text())
-    except (OSError, json.JSONDecodeError):
+    if state == "unreadable" or not (run / RESULTS).is_file():
         return row, history
+    results = _read_json(run / RESULTS)
     manifest = _read_json(run / "manifest.json")
+    manifest = manifest if isinstance(manifest, dict) else {}
     timing, test, energy = results.get("timing") or {}, results.get("test") or {}, results.get("energy") or {}
     devices = [d for d in results.get("devices") or [] if d != "CPU"]
     gpu_energy = energy.get("gpu") or {}
@@ -142,7 +161,8 @@ def _run_row(run: Path, name: str) -> tuple[dict, dict]:
     return row, history
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path):
+    """The parsed file ({} when missing or not JSON); any JSON value, so callers check its type."""
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):

@@ -13,6 +13,34 @@ from .tables import text_table
 RESULTS_SCHEMA = 1
 
 
+STATUSES = ("success", "failed", "interrupted")
+_NUMBER = (int, float)
+# the fields readers (report, grid status) use, with the JSON types docs/results.md gives them; null is allowed
+_TYPES = {"seed": int, "epochs_run": int, "error": str, "devices": list, "train": dict, "test": dict,
+          "timing": dict, "energy": dict, "history": dict, "division": str}
+_NESTED = {("test", "avg_accuracy"): _NUMBER, ("timing", "time_per_epoch_s"): _NUMBER,
+           ("timing", "time_per_inference_s"): _NUMBER, ("train", "accuracy"): _NUMBER}
+
+
+def schema_problem(results) -> str | None:
+    """What makes ``results`` (a parsed results.json) not follow its schema, or None."""
+    if not isinstance(results, dict):
+        return f"not a JSON object but {type(results).__name__}"
+    if results.get("status") not in STATUSES:
+        return f"status {results.get('status')!r} is none of {', '.join(STATUSES)}"
+    for key, kind in _TYPES.items():
+        value = results.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            return f"{key} is {type(value).__name__}, not {kind.__name__}"
+    for (section, key), kinds in _NESTED.items():
+        value = (results.get(section) or {}).get(key)
+        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
+            return f"{section}.{key} is {type(value).__name__}, not a number"
+    if any(not isinstance(v, list) for v in (results.get("history") or {}).values()):
+        return "history holds a value that is not a list"
+    return None
+
+
 def _header() -> dict:
     return {"schema_version": RESULTS_SCHEMA, "benchmark": "cloudmask", "version": __version__}
 
@@ -33,6 +61,7 @@ def training_results(cfg, state: dict, history: list[dict], test: dict | None, i
         "deviations": cfg.deviations(),
         "input_pipeline": "patch-store" if cfg.data.store else "streaming-hdf5",
         "micro_batch_size": cfg.train.micro_batch_size or cfg.train.batch_size,
+        "gradient_accumulation_steps": cfg.accumulation_steps,
         "backend": runtime.backend(),
         "devices": devices or ["CPU"],
         "epochs_configured": cfg.train.epochs,

@@ -35,6 +35,26 @@ def default_run_path(cfg: Config) -> Path:
     return Path(cfg.output.root) / f"{time.strftime('%Y%m%d-%H%M%S')}-seed{cfg.seed}"
 
 
+def _reserve(target: Path, numbered: bool) -> Path:
+    """Create ``target`` (mkdir is atomic: of two processes asking for one name, one gets it). ``numbered``: a
+    taken name gets the next free ``-2``, ``-3``, … suffix instead of an error."""
+    with fileio.writing(target.parent):
+        target.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        name = target if n == 1 else target.with_name(f"{target.name}-{n}")
+        try:
+            with fileio.writing(name):
+                name.mkdir()
+            return name
+        except FileExistsError:
+            if not numbered:
+                if not name.is_dir():
+                    raise RunDirError(f"{name}: a file of that name already exists", "choose a new --out") from None
+                raise RunDirError(f"{name}: run directory already exists",
+                                  "choose a new --out, or continue that run with --resume") from None
+    raise RunDirError(f"{target}: 10,000 run directories of that name", "clean up output.root")
+
+
 class RunDir:
     def __init__(self, path: Path, scratch: bool = False):
         self.path = Path(path)
@@ -45,15 +65,15 @@ class RunDir:
 
     @classmethod
     def create(cls, path: str | os.PathLike | None, cfg: Config) -> "RunDir":
-        """Create a new run directory; an existing one is refused, never reused or emptied."""
-        target = Path(path) if path else default_run_path(cfg)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        """Create a new run directory; an existing ``path`` is refused, never reused or emptied. Without ``path``
+        the default name, numbered when another run took it first. If its first files cannot be written (a full
+        disk) nothing is left: a stub directory could neither be resumed nor reused."""
+        target = _reserve(Path(path) if path else default_run_path(cfg), numbered=not path)
         try:
-            target.mkdir()
-        except FileExistsError:
-            raise RunDirError(f"{target}: run directory already exists",
-                              "choose a new --out, or continue that run with --resume") from None
-        return cls._populate(target, cfg)
+            return cls._populate(target, cfg)
+        except BaseException:
+            shutil.rmtree(target, ignore_errors=True)
+            raise
 
     @classmethod
     def create_scratch(cls, cfg: Config, prefix: str) -> "RunDir":
@@ -67,7 +87,8 @@ class RunDir:
     @classmethod
     def _populate(cls, target: Path, cfg: Config) -> "RunDir":
         run = cls(target)
-        (run / "checkpoints").mkdir()
+        with fileio.writing(run / "checkpoints"):
+            (run / "checkpoints").mkdir()
         fileio.write_text(run / CONFIG, cfg.to_yaml())
         return run
 
@@ -76,12 +97,16 @@ class RunDir:
             shutil.rmtree(self.path.parent, ignore_errors=True)
 
     @classmethod
-    def for_resume(cls, path: str | os.PathLike) -> "RunDir":
+    def existing(cls, path: str | os.PathLike, use: str = "resume") -> "RunDir":
+        """A run directory that must exist already: to ``use`` ("resume" it, or "score" its model)."""
         run = cls(Path(path))
+        flag = "--out" if use == "resume" else "the run path"
+        if not run.path.exists():
+            raise RunDirError(f"{run.path}: no such run directory to {use}", f"check {flag}")
         if not run.path.is_dir():
-            raise RunDirError(f"{run.path}: no such run directory to resume", "check the --out path")
+            raise RunDirError(f"{run.path}: is a file, not a run directory", f"check {flag}")
         if not (run / CONFIG).is_file():
-            raise RunDirError(f"{run.path}: not a run directory (no {CONFIG})", "check the --out path")
+            raise RunDirError(f"{run.path}: not a run directory (no {CONFIG})", f"check {flag}")
         return run
 
     def config(self) -> Config:

@@ -32,10 +32,11 @@ from . import __version__, cluster as cluster_lib, console, data, distribution, 
 from .config import Config, flatten, load_config
 from .doctor import preflight
 from .energy import combine_energy, merge_energy
-from .errors import CloudmaskError, ConfigError, RunDirError, TrainingInterrupted
+from .errors import CloudmaskError, ConfigError, OutputError, RunDirError, TrainingInterrupted
 from .mlperf import MLPerfLog, division, log_hyperparameters, log_submission, platform_name
 from .results import inference_results, reference_log_lines, reference_result, stopped_results, training_results
 from .rundir import MLPERF_LOG, MODEL, RunDir
+from .signals import StopSignals
 from .telemetry import RunTelemetry
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,9 @@ class RunSession:
         if resume:
             if out is None:
                 raise RunDirError("--resume needs the run directory", "pass --out DIR of the run to continue")
-            resumed = RunDir.for_resume(out)
+            resumed = RunDir.existing(out)
             cfg = _resume_config(resumed, changes)
+            _refuse_finished(resumed)
         assert cfg is not None
         cluster = _connect(cfg)
 
@@ -136,6 +138,8 @@ class RunSession:
         self.tel = RunTelemetry(self.cfg, self.run_dir.path, self.state["attempts"], energy=self.mode.measures)
         self.tel.start()
         self._t_start = time.time()
+        # a throughput measurement keeps the default handlers: it has nothing to save
+        self.stop = StopSignals().install() if self.mode is not THROUGHPUT else StopSignals()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -143,9 +147,17 @@ class RunSession:
             if self.mode.records and isinstance(exc, CloudmaskError):
                 log.error("run stopped: %s", exc)
                 self._write_stopped(exc)
-            energy = self.tel.finish(log, show_timers=self.mode.measures)
-            self._record_energy(energy)
+            try:
+                self._record_energy(self.tel.finish(log, show_timers=self.mode.measures))
+            except OutputError as late:  # the disk filled while closing
+                if exc is not None:
+                    log.warning("while stopping: %s", late)  # the first error is the one reported
+                    return
+                if self.mode.records:
+                    self._write_stopped(late)
+                raise
         finally:
+            self.stop.uninstall()
             self.mlog.close()
             console.detach(self._console)
             self.run_dir.remove()  # only a scratch directory is removed
@@ -277,11 +289,12 @@ class RunSession:
             with self.tel.phase("train", window=None):
                 telemetry = self.fw.callbacks.PhaseTelemetry(self.tel, self.mlog)
                 fitted = self.fw.train.train_run(self.cfg, self.run_dir, self.model, self.inputs, self.mlog,
-                                                 self.state, [telemetry], self.cluster, self.checkpoints)
+                                                 self.state, self.stop, [telemetry], self.cluster,
+                                                 self.checkpoints)
                 self.worker = fitted.worker
                 if self.is_chief:
                     self.fw.callbacks.save_model(self.model, self.run_dir / MODEL)
-            self.state["phase"] = "inference" if self.cfg.infer.enabled else "done"
+            self.state["phase"] = "inference" if self.cfg.infer.enabled else "results"
             self.run_dir.write_state(self.state)
         if self.cluster is not None and self.cluster.workers > 1:
             self._gather_workers()
@@ -318,14 +331,20 @@ class RunSession:
         self.mlog.start(C.EVAL_START, "inference", epoch_num=epoch_num)
         with self.phase("inference"):
             self.test = self.score(images, self.run_dir / "masks")
+        self._stop_if_asked("inference")
         self.mlog.end(C.EVAL_STOP, "inference", epoch_num=epoch_num)
         if self.mode.records:
             log.info("test: avg_accuracy %.4f over %d files (majority-class baseline %.4f), %.2f s per image",
                      self.test["avg_accuracy"], self.test["files"], self.test["majority_baseline"],
                      self.test["time_per_inference_s"])
 
-    def score(self, images: evaluate.TestImages, masks: Path | None = None) -> dict:
-        return evaluate.evaluate(self.model, images, self.cfg, masks)
+    def score(self, images: evaluate.TestImages, masks: Path | None = None) -> dict | None:
+        """The test section; None when a stop was requested between images."""
+        return evaluate.evaluate(self.model, images, self.cfg, masks, stop_requested=lambda: self.stop.requested)
+
+    def _stop_if_asked(self, during: str) -> None:
+        if self.stop.requested:
+            raise TrainingInterrupted(self.stop.signum, self.state.get("epochs_done", 0), self.run_dir.path, during)
 
     # --------------------------------------------------------------------------------------------- results
 
@@ -333,7 +352,9 @@ class RunSession:
         return self.run_dir.read_history()[: self.state.get("epochs_done", 0)]
 
     def results(self) -> dict:
-        """results.json of the finished run, the reference's result record and run_stop in the MLPerf log."""
+        """results.json of the finished run, the reference's result record and run_stop in the MLPerf log. Once
+        this begins a stop request waits: the writes take well under a second and leave a finished run."""
+        self._stop_if_asked("inference" if self.cfg.infer.enabled else "training")
         results = training_results(self.cfg, self.state, self.history(), self.test, self.inputs, self.devices,
                                    status="success", fit_s=self.state.get("fit_s", 0.0),
                                    wall_s=time.time() - self._t_start)
@@ -354,8 +375,12 @@ class RunSession:
         return self.outcome
 
     def _write_stopped(self, error: CloudmaskError) -> None:
+        """A ``failed``/``interrupted`` results.json, where the disk still has room for it."""
         status = "interrupted" if isinstance(error, TrainingInterrupted) else "failed"
-        self.run_dir.write_results(stopped_results(self.cfg, self.state, self.history(), status, str(error)))
+        try:
+            self.run_dir.write_results(stopped_results(self.cfg, self.state, self.history(), status, str(error)))
+        except OutputError as e:
+            log.warning("results.json not written: %s", e)
 
     def _record_energy(self, energy: dict) -> None:
         """The attempt's energy: into the results of a finished run, else kept for the attempt that finishes."""
@@ -387,6 +412,13 @@ def _connect(cfg: Config):
     if not cluster.is_chief:
         console.quiet()
     return cluster
+
+
+def _refuse_finished(run: RunDir) -> None:
+    """A finished run is never rewritten (its inference, attempts and MLPerf run_stop would change)."""
+    if (run.read_state() or {}).get("phase") == "done":
+        raise RunDirError(f"{run.path}: this run has finished; there is nothing to resume",
+                          f"start a new run, or score its model again with `cloudmask infer {run.path}`")
 
 
 def _resume_config(run: RunDir, changes: dict | None) -> Config:

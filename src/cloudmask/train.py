@@ -20,6 +20,7 @@ from . import worker_loop
 from .callbacks import Checkpointer, EpochRecorder, Interrupter, ResumableEarlyStopping, StepTimer
 from .errors import TrainingInterrupted
 from .rundir import RunDir
+from .signals import StopSignals
 from .worker_loop import StopTraining
 
 
@@ -33,6 +34,33 @@ class FitOutcome:
     worker: dict | None = None  # multi-worker: this worker's time in training steps and patches fed
 
 
+class ValidationPasses(keras.utils.PyDataset):
+    """The validation batches as Keras's indexed dataset: item ``i`` is always the ``i``-th batch of a pass.
+
+    Given the endless stream itself, Keras (3.15, ``peek_and_restore``) re-chains the two batches it peeked at
+    first in front of the live stream every time it starts a validation pass, so from epoch 2 on validation saw
+    a shifted set of batches, and a resumed run (one peek, later) a different one than an uninterrupted run."""
+
+    def __init__(self, stream):
+        super().__init__(workers=1, use_multiprocessing=False)
+        self.stream = stream
+        self._pass, self._next = None, 0
+
+    def __len__(self) -> int:
+        return self.stream.steps
+
+    def __getitem__(self, i: int):
+        if self._pass is None or i != self._next:  # a new pass (each epoch), or Keras asked out of order
+            if self._pass is not None:
+                self._pass.close()
+            self._pass, self._next = iter(self.stream), 0
+            for _ in range(i):
+                next(self._pass)
+            self._next = i
+        self._next += 1
+        return next(self._pass)
+
+
 def fit_loop(model, train_stream, val_stream, callbacks: list, epochs: int, start: int = 0,
              steps_per_epoch: int | None = None, cluster=None, global_batch: int | None = None, verbose=0,
              stop_requested=lambda: False) -> worker_loop.LoopResult | None:
@@ -42,8 +70,7 @@ def fit_loop(model, train_stream, val_stream, callbacks: list, epochs: int, star
     try:
         if cluster is None:
             model.fit(iter(train_stream), steps_per_epoch=steps, epochs=epochs, initial_epoch=start,
-                      validation_data=iter(val_stream) if val_stream is not None else None,
-                      validation_steps=val_stream.steps if val_stream is not None else None,
+                      validation_data=ValidationPasses(val_stream) if val_stream is not None else None,
                       callbacks=callbacks, verbose=verbose, shuffle=False)
             return None
         chief = cluster.is_chief
@@ -61,13 +88,13 @@ def fit_loop(model, train_stream, val_stream, callbacks: list, epochs: int, star
         raise
 
 
-def train_run(cfg, run: RunDir, model, td, mlog, state: dict, extra_callbacks: list | None = None, cluster=None,
-              checkpoints: Path | None = None) -> FitOutcome:
+def train_run(cfg, run: RunDir, model, td, mlog, state: dict, stop: StopSignals,
+              extra_callbacks: list | None = None, cluster=None, checkpoints: Path | None = None) -> FitOutcome:
     """Train from ``state['epochs_done']`` to ``cfg.train.epochs``; ``state`` is updated and committed per epoch.
 
     ``cluster``: train as one of several workers; only the chief checkpoints. ``checkpoints``: the run directory
     checkpoints are read from when it is not ``run`` (a non-chief worker writes into a scratch directory but
-    resumes from the chief's files)."""
+    resumes from the chief's files). ``stop``: the run's stop request, checked at every batch."""
     chief = cluster is None or cluster.is_chief
     history = run.read_history()[: state.get("epochs_done", 0)]
     start = state.get("epochs_done", 0)
@@ -79,13 +106,11 @@ def train_run(cfg, run: RunDir, model, td, mlog, state: dict, extra_callbacks: l
     verbose = cfg.train.verbose
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 0
-    interrupter = Interrupter()
     t0 = time.perf_counter()
-    interrupter.install()
     try:
-        loop = fit_loop(model, td.train_stream, td.val_stream, [*callbacks, interrupter], cfg.train.epochs, start,
-                        cluster=cluster, global_batch=cfg.train.batch_size, verbose=verbose,
-                        stop_requested=lambda: interrupter.signum is not None)
+        loop = fit_loop(model, td.train_stream, td.val_stream, [*callbacks, Interrupter(stop)], cfg.train.epochs,
+                        start, cluster=cluster, global_batch=cfg.train.batch_size, verbose=verbose,
+                        stop_requested=lambda: stop.requested)
         if loop is not None and not chief:  # the chief's Checkpointer keeps the count; the others follow
             state["epochs_done"] = loop.epochs_done
         if loop is not None and loop.stopped:
@@ -95,10 +120,8 @@ def train_run(cfg, run: RunDir, model, td, mlog, state: dict, extra_callbacks: l
         if chief:
             run.write_state(state)
         # a worker that got no signal itself stops because another did (SLURM signals all of a step's tasks)
-        raise TrainingInterrupted(interrupter.signum or signal.SIGTERM, state.get("epochs_done", 0),
+        raise TrainingInterrupted(stop.signum or signal.SIGTERM, state.get("epochs_done", 0),
                                   (checkpoints or run.path)) from None
-    finally:
-        interrupter.uninstall()
     state["fit_s"] = state.get("fit_s", 0.0) + time.perf_counter() - t0
     if es is not None and es.restore_best_weights and state.get("best"):
         # Keras restores the best weights in memory at train end; say so in the results
