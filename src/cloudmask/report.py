@@ -119,13 +119,17 @@ def _run_row(run: Path, name: str) -> tuple[dict, dict]:
     try:
         return _read_run(run, name)
     except (AttributeError, TypeError, ValueError) as e:
-        row = _empty_row(run.resolve().parent.name if "/" not in name else name.rsplit("/", 1)[0], name)
+        row = _empty_row(_experiment_of(run, name), name)
         row.update(status="unreadable", reason=f"results.json: unexpected structure ({type(e).__name__}: {e})")
         return row, {}
 
 
+def _experiment_of(run: Path, name: str) -> str:
+    return name.rsplit("/", 1)[0] if "/" in name else run.resolve().parent.name
+
+
 def _read_run(run: Path, name: str) -> tuple[dict, dict]:
-    experiment = name.rsplit("/", 1)[0] if "/" in name else run.resolve().parent.name
+    experiment = _experiment_of(run, name)
     row = _empty_row(experiment, name)
     history: dict = {}
     state, reason = run_state(run)
