@@ -17,6 +17,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 TINY = ["model.filters=4", "model.depth=2", "train.batch_size=8", "train.epochs=2", "infer.images_per_call=2"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def patch_cache_dir(tmp_path_factory) -> Path:
+    """data.cache=auto writes here, not to the user's ~/.cache (CLI runs and SLURM jobs inherit it)."""
+    root = tmp_path_factory.mktemp("patch-cache")
+    os.environ["CLOUDMASK_CACHE_DIR"] = str(root)
+    return root
+
+
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory) -> Path:
     """5 training files (4 train + 1 validation after the split) and 2 test files, read-only for tests."""

@@ -145,6 +145,9 @@ class PatchReader:
         """(x (n, P, P, 9), y float32 (n, P, P, 1)) of the given patch numbers."""
         raise NotImplementedError
 
+    def end_epoch(self) -> None:
+        """Called when an epoch has served all its batches."""
+
     def release(self, keep: set[int]) -> None:
         pass
 
@@ -183,6 +186,11 @@ class BatchStream:
     def epoch_order(self, epoch: int) -> np.ndarray:
         return epoch_patches(self.order, epoch)
 
+    def close(self) -> None:
+        """Release what the source holds beyond one iteration (a patch cache being built)."""
+        if hasattr(self.source, "close"):
+            self.source.close()
+
     def _epoch(self, reader: PatchReader, epoch: int):
         reader.start_epoch(file_sequence(self.order, epoch))
         served = 0
@@ -193,6 +201,7 @@ class BatchStream:
             reader.release(window.keep)
         if served < self.order.steps:
             raise DataError(f"every {self.what} file is bad", "check the dataset with `cloudmask data verify`")
+        reader.end_epoch()
 
     def __iter__(self):
         reader = self.source.reader()
@@ -202,6 +211,8 @@ class BatchStream:
             while True:
                 batches = self._epoch(reader, self.epoch)
                 yield from (_ahead(loader, batches, self.prefetch, self.order.steps) if loader else batches)
+                for _ in batches:  # after _ahead's last item: the epoch's end (reader.end_epoch) still runs
+                    pass
                 self.epoch += 1
         except DataError as e:
             self.error = e

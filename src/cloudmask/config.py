@@ -118,7 +118,10 @@ RULES: dict[str, Rule] = {
     "data.split_seed": _int(0, 2**32 - 1),
     "data.min_finite_fraction": _float(0.0, 1.0),
     "data.skip_bad": _bool(),
-    "data.read_threads": _int(1, 64),
+    "data.read_threads": Rule("auto or 1..64", lambda v: None if v == "auto" or (
+        isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 64) else "must be auto or an integer 1..64"),
+    "data.cache": Rule("auto | off | a directory", lambda v: None if isinstance(v, str) and v.strip() else
+                       "must be auto, off or a directory"),
     "data.store": _text(optional=True),
     "data.resident": _choice("none", "host", "device"),
     "image.height": _int(16),

@@ -14,12 +14,12 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import h5py
 import numpy as np
 
-from . import fileio, preprocess
+from . import fileio, preprocess, runtime
 from .errors import DataError
 from .preprocess import Geometry
 
@@ -36,9 +36,14 @@ class TestImages:
     root: Path
     files: list[Path]
     load: Callable[[Path], tuple]
+    cache: Any = None  # the cache.SplitCache the images are read through, if any
 
     def first(self, count: int | None) -> "TestImages":
-        return TestImages(self.root, self.files[:count] if count else list(self.files), self.load)
+        return TestImages(self.root, self.files[:count] if count else list(self.files), self.load, self.cache)
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
 
     def in_memory(self) -> "TestImages":
         """The same images loaded now, so that scoring them times the model path alone."""
@@ -117,7 +122,8 @@ def evaluate(model, images: TestImages, cfg, masks_dir: Path | None, stop_reques
 
     t0 = time.perf_counter()
     group = []
-    for path, loaded in _read_ahead(images.files, images.load, cfg.data.read_threads, infer.images_per_call):
+    for path, loaded in _read_ahead(images.files, images.load, runtime.read_threads(cfg.data.read_threads),
+                                    infer.images_per_call):
         if isinstance(loaded, DataError):
             if not cfg.data.skip_bad:
                 raise loaded

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import data, pipeline, store
+from . import cache, data, fileio, pipeline, runtime, store
 from .batches import BatchStream
 from .evaluate import TestImages
 from .preprocess import Geometry
@@ -26,10 +26,23 @@ class RunInputs:
     dataset_root: Path | None = None
     dataset_digest: str | None = None  # sha256 of the dataset's MANIFEST.sha256
     facts: dict = field(default_factory=dict)  # paths and counts for the manifest
+    caches: dict = field(default_factory=dict)  # split -> cache.SplitCache (raw files with data.cache on)
+    read_threads: int = 1
 
     @property
     def train_patches(self) -> int:
         return self.train_stream.patches
+
+    def cache_report(self) -> dict:
+        """results.json ``input_cache``: where each split's patches came from (None for a patch store)."""
+        if self.source != "streaming-hdf5":
+            return None
+        return {"read_threads": self.read_threads, **{split: c.report() for split, c in self.caches.items()}}
+
+    def close(self) -> None:
+        """Publish nothing half-made: a cache entry still being built is removed (cache.py)."""
+        for c in self.caches.values():
+            c.close()
 
     @property
     def val_patches(self) -> int:
@@ -40,8 +53,12 @@ def check(cfg) -> None:
     """Fail now, before a run directory exists, if the data the config names cannot be opened."""
     if cfg.data.store:
         store.open_store(cfg.data.store, cfg)
-    else:
-        data.resolve_layout(cfg.data.root, cfg.data.train_dir, cfg.data.test_dir, need_test=cfg.infer.enabled)
+        return
+    data.resolve_layout(cfg.data.root, cfg.data.train_dir, cfg.data.test_dir, need_test=cfg.infer.enabled)
+    if cfg.data.cache not in ("auto", "off"):  # asked for by name: a directory that cannot be made is an error
+        root = cache.cache_root(cfg.data.cache)
+        with fileio.writing(root):
+            root.mkdir(parents=True, exist_ok=True)
 
 
 def open_inputs(cfg, start_epoch: int = 0, shard: tuple[int, int] = (0, 1), stage_to=None,
@@ -60,7 +77,7 @@ def _from_store(cfg, start_epoch: int, shard: tuple[int, int], stage_to, staged)
     if stage_to:
         path = staged(lambda: store.stage(store.open_store(path, cfg).path, stage_to))
     st = store.open_store(path, cfg)
-    common = dict(batch_size=cfg.train.batch_size, seed=cfg.seed, read_threads=max(2, cfg.data.read_threads),
+    common = dict(batch_size=cfg.train.batch_size, seed=cfg.seed, read_threads=max(2, runtime.read_threads(cfg.data.read_threads)),
                   micro_batches=cfg.accumulation_steps, resident=cfg.data.resident, shard=shard)
     train = store.StoreStream(st, "train", shuffle=True, order=cfg.train.shuffle,
                               window_files=cfg.train.shuffle_buffer_files, start_epoch=start_epoch, **common)
@@ -83,20 +100,36 @@ def _from_raw(cfg, start_epoch: int, stage_to, staged) -> RunInputs:
     # Screen after splitting, so skipping a bad file never changes which files are validation files.
     train_files = pipeline.screen_files(train_files, geometry, cfg.data.skip_bad, "training")
     val_files = pipeline.screen_files(val_files, geometry, cfg.data.skip_bad, "validation")
+    threads = runtime.read_threads(cfg.data.read_threads)
+    caches = {"train": split_cache(cfg, train_files, "patches", "training"),
+              "val": split_cache(cfg, val_files, "patches", "validation")}
     common = dict(geometry=geometry, normalisation=cfg.data.normalisation, batch_size=cfg.train.batch_size,
-                  seed=cfg.seed, read_threads=cfg.data.read_threads, min_finite_fraction=cfg.data.min_finite_fraction,
+                  seed=cfg.seed, read_threads=threads, min_finite_fraction=cfg.data.min_finite_fraction,
                   skip_bad=cfg.data.skip_bad, micro_batches=cfg.accumulation_steps)
     train = pipeline.PatchStream(train_files, shuffle=True, window_files=cfg.train.shuffle_buffer_files,
-                                 start_epoch=start_epoch, what="training", **common)
-    val = pipeline.PatchStream(val_files, shuffle=False, what="validation", **common)
+                                 start_epoch=start_epoch, what="training", cache=caches["train"], **common)
+    val = pipeline.PatchStream(val_files, shuffle=False, what="validation", cache=caches["val"], **common)
     root = layout.train_dir.parent if layout.naming != "explicit" else None
     facts = {"train_dir": str(layout.train_dir), "test_dir": str(layout.test_dir),
              "train_files": len(train_files), "val_files": len(val_files)}
-    test = raw_test_images(cfg, layout.test_dir, data.find_files(layout.test_dir) if cfg.infer.enabled else [])
+    test_files = data.find_files(layout.test_dir)[:cfg.infer.max_files] if cfg.infer.enabled else []
+    test = raw_test_images(cfg, layout.test_dir, test_files)
+    caches["test"] = test.cache
     return RunInputs(train_files, val_files, train, val, test, "streaming-hdf5", layout.naming, root,
-                     data.manifest_digest(root) if root else None, facts)
+                     data.manifest_digest(root) if root else None, facts,
+                     {k: c for k, c in caches.items() if c is not None}, threads)
+
+
+def split_cache(cfg, files: list[Path], kind: str, what: str) -> cache.SplitCache | None:
+    """The cache entry of ``files`` under ``data.cache`` (None when off or there are no files)."""
+    root = cache.cache_root(cfg.data.cache)
+    if root is None or not files:
+        return None
+    return cache.SplitCache(root, files, kind, Geometry.from_config(cfg), cfg.data.normalisation,
+                            cfg.data.min_finite_fraction, what)
 
 
 def raw_test_images(cfg, test_dir: Path, files: list[Path]) -> TestImages:
+    """The test images of ``files``, through their cache entry (``.cache``) when data.cache is on."""
     return pipeline.test_images(test_dir, files, Geometry.from_config(cfg), cfg.data.normalisation,
-                                cfg.data.min_finite_fraction)
+                                cfg.data.min_finite_fraction, split_cache(cfg, files, "images", "test"))

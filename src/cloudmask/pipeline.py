@@ -18,6 +18,7 @@ import numpy as np
 
 from . import data, preprocess
 from .batches import BatchOrder, BatchStream, PatchReader
+from .cache import SplitCache
 from .errors import DataError
 from .evaluate import TestImages
 from .preprocess import Geometry
@@ -28,10 +29,27 @@ log = logging.getLogger(__name__)
 def load_train_patches(path: Path, geometry: Geometry, normalisation: str,
                        min_finite_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """One file -> (patches float32 (n, P, P, 9), labels uint8 (n, P, P, 1)), normalised as the reference does
-    (whole image first, then crop)."""
-    sample = data.read_sample(path, geometry, min_finite_fraction)
+    (whole image first, then crop). A finite file with the fixed normalisation takes the one-pass route, with
+    the same bits (tests/test_pipeline.py)."""
+    arrays = data.read_arrays(path, geometry)
+    if normalisation == "fixed" and data.all_finite(arrays):
+        patches = preprocess.fixed_train_patches(arrays["refs"], arrays["bts"], geometry)
+        return patches, preprocess.train_patches(data.label_of(arrays["bayes"]), geometry)
+    sample = data.sample_of(path, arrays, min_finite_fraction)
     image = preprocess.normalise(sample.image, normalisation)
     return preprocess.train_patches(image, geometry), preprocess.train_patches(sample.label, geometry)
+
+
+def load_normalised_image(path: Path, geometry: Geometry, normalisation: str,
+                          min_finite_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """One file -> (normalised image float32 (H, W, 9), label uint8 (H, W)), for inference."""
+    arrays = data.read_arrays(path, geometry)
+    if normalisation == "fixed" and data.all_finite(arrays):
+        image = np.empty((geometry.height, geometry.width, preprocess.N_CHANNELS), np.float32)
+        preprocess.normalise_fixed_into(arrays["refs"], arrays["bts"], image)
+        return image, data.label_of(arrays["bayes"])[..., 0]
+    sample = data.sample_of(path, arrays, min_finite_fraction)
+    return preprocess.normalise(sample.image, normalisation), sample.label[..., 0]
 
 
 def quick_check(path: Path, geometry: Geometry) -> str | None:
@@ -72,11 +90,14 @@ def screen_files(files: list[Path], geometry: Geometry, skip_bad: bool, what: st
 
 class RawFiles:
     """The training patches of a list of HDF5 files, ``per_file`` of each, loaded a whole file at a time. A file
-    that turns out to be bad is remembered in ``bad`` (with ``skip_bad``; otherwise its DataError is raised)."""
+    that turns out to be bad is remembered in ``bad`` (with ``skip_bad``; otherwise its DataError is raised).
+    ``cache`` (cache.SplitCache of these files): served from it once complete, filled while it is not."""
 
     def __init__(self, files: list[Path], geometry: Geometry, normalisation: str, read_threads: int = 2,
-                 min_finite_fraction: float = 0.5, skip_bad: bool = False, what: str = "training"):
+                 min_finite_fraction: float = 0.5, skip_bad: bool = False, what: str = "training",
+                 cache: SplitCache | None = None):
         self.files = list(files)
+        self.cache = cache
         self.geometry, self.normalisation = geometry, normalisation
         self.read_threads, self.min_finite_fraction, self.skip_bad = read_threads, min_finite_fraction, skip_bad
         self.what = what
@@ -88,14 +109,31 @@ class RawFiles:
         path = self.files[index]
         if path in self.bad:
             return None
+        cached = self.cache.get(index) if self.cache is not None else None
+        if cached is not None:
+            return cached
         try:
-            return load_train_patches(path, self.geometry, self.normalisation, self.min_finite_fraction)
+            patches = load_train_patches(path, self.geometry, self.normalisation, self.min_finite_fraction)
         except DataError as e:
+            if self.cache is not None:
+                self.cache.abandon(f"{path} is bad")
             if not self.skip_bad:
                 raise
             self.bad[path] = e.message
             log.warning("skipping bad %s file: %s", self.what, e)
             return None
+        if self.cache is not None:
+            self.cache.put(index, *patches)
+        return patches
+
+    def complete_cache(self) -> None:
+        """Read the files the first epoch did not need (the dropped remainder), so its cache is complete."""
+        for index in self.cache.missing() if self.cache is not None else []:
+            self.load(index)
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
 
     def reader(self) -> "_RawReader":
         return _RawReader(self)
@@ -143,6 +181,9 @@ class _RawReader(PatchReader):
             x[k], y[k] = fx[p % per], fy[p % per]
         return x, y
 
+    def end_epoch(self) -> None:
+        self.source.complete_cache()
+
     def release(self, keep: set[int]) -> None:
         for file in [f for f in self.loaded if f not in keep]:
             del self.loaded[file]
@@ -161,11 +202,12 @@ class PatchStream(BatchStream):
 
     def __init__(self, files: list[Path], geometry: Geometry, normalisation: str, batch_size: int, seed: int,
                  shuffle: bool, window_files: int = 8, read_threads: int = 2, min_finite_fraction: float = 0.5,
-                 skip_bad: bool = False, start_epoch: int = 0, what: str = "training", micro_batches: int = 1):
-        source = RawFiles(files, geometry, normalisation, read_threads, min_finite_fraction, skip_bad, what)
+                 skip_bad: bool = False, start_epoch: int = 0, what: str = "training", micro_batches: int = 1,
+                 cache: SplitCache | None = None, prefetch: int = 2):
+        source = RawFiles(files, geometry, normalisation, read_threads, min_finite_fraction, skip_bad, what, cache)
         order = BatchOrder(len(source.files), source.per_file, batch_size, seed, shuffle,
                            window_files=window_files, micro_batches=micro_batches)
-        super().__init__(source, order, what, start_epoch)
+        super().__init__(source, order, what, start_epoch, prefetch)
 
     @property
     def bad(self) -> dict[Path, str]:
@@ -173,13 +215,24 @@ class PatchStream(BatchStream):
 
 
 def test_images(test_dir: Path, files: list[Path], geometry: Geometry, normalisation: str,
-                min_finite_fraction: float) -> TestImages:
-    """Raw test files for evaluate(), read and normalised as the reference does."""
-    return TestImages(test_dir, files, lambda path: load_test_image(path, geometry, normalisation, min_finite_fraction))
+                min_finite_fraction: float, cache: SplitCache | None = None) -> TestImages:
+    """Raw test files for evaluate(), read and normalised as the reference does; through ``cache`` (of exactly
+    these files) when given."""
+    index = {path: i for i, path in enumerate(files)}
+
+    def load(path: Path):
+        i = index.get(path)
+        cached = cache.get(i) if cache is not None and i is not None else None
+        if cached is None:
+            cached = load_normalised_image(path, geometry, normalisation, min_finite_fraction)
+            if cache is not None and i is not None:
+                cache.put(i, *cached)
+        return preprocess.test_patches(cached[0], geometry), cached[1]
+
+    return TestImages(test_dir, files, load, cache)
 
 
 def load_test_image(path: Path, geometry: Geometry, normalisation: str, min_finite_fraction: float):
     """One test file -> (test patches float32 (63, P, P, 9), full-size uint8 label (H, W))."""
-    sample = data.read_sample(path, geometry, min_finite_fraction)
-    image = preprocess.normalise(sample.image, normalisation)
-    return preprocess.test_patches(image, geometry), sample.label[..., 0]
+    image, label = load_normalised_image(path, geometry, normalisation, min_finite_fraction)
+    return preprocess.test_patches(image, geometry), label

@@ -60,6 +60,7 @@ def training_results(cfg, state: dict, history: list[dict], test: dict | None, i
         "division": division(cfg),
         "deviations": cfg.deviations(),
         "input_pipeline": "patch-store" if cfg.data.store else "streaming-hdf5",
+        "input_cache": inputs.cache_report() if inputs is not None and hasattr(inputs, "cache_report") else None,
         "micro_batch_size": cfg.train.micro_batch_size or cfg.train.batch_size,
         "gradient_accumulation_steps": cfg.accumulation_steps,
         "backend": runtime.backend(),

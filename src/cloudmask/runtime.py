@@ -76,3 +76,15 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def read_threads(setting) -> int:
+    """``data.read_threads``: ``auto`` is the CPUs this process may run on (a SLURM job's allocation sets the
+    affinity; SLURM_CPUS_PER_TASK where it does not), at most 16; a number is taken as it is."""
+    if setting != "auto":
+        return int(setting)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if per_task.isdigit():
+        cpus = min(cpus, int(per_task))
+    return max(1, min(16, cpus))

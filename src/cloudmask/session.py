@@ -157,6 +157,8 @@ class RunSession:
                     self._write_stopped(late)
                 raise
         finally:
+            if self.inputs is not None:
+                self.inputs.close()  # a cache entry still being built is removed, never left half-made
             self.stop.uninstall()
             self.mlog.close()
             console.detach(self._console)
@@ -209,7 +211,7 @@ class RunSession:
     def test_data(self, test_dir: Path) -> None:
         """The test images alone (inference of a trained model), and the manifest."""
         images = inputs.raw_test_images(self.cfg, test_dir, _test_files(test_dir, self.cfg.infer.max_files))
-        self.inputs = SimpleNamespace(test=images)
+        self.inputs = SimpleNamespace(test=images, close=images.close)
         self.tel.write_manifest(test_dir.parent, data.manifest_digest(test_dir.parent),
                                 {"test_dir": str(test_dir), "test_files": len(images.files)})
 
