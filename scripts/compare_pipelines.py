@@ -1,17 +1,18 @@
-"""Input pipelines side by side on the same synthetic files: the reference's against the patch store's.
+"""Input pipelines side by side on the same synthetic files, loader only (no model), each in a fresh process.
 
-    python scripts/compare_pipelines.py [--files 4 8 16] [--work DIR] [--json]
+    python scripts/compare_pipelines.py [--files 8 32 64] [--threads 1 2] [--work DIR] [--json]
 
-reference  the MLCommons reference's tf.data pipeline (mlcommons/science benchmarks/cloudmask/data_loader.py,
-           v1.1 at 30f2c3f; docs/dataset.md describes the patch geometry): shuffled file list ->
-           interleave(from_generator over HDF5, cycle 2, 2 parallel calls) -> map(crop + extract_patches) ->
-           unbatch -> cache() in RAM -> prefetch -> shuffle(32) -> batch(32)
-store      this project's: `cloudmask data prepare` once, then StoreStream (window order, pread threads)
-streaming  this project's raw-file pipeline without a store (pipeline.PatchStream), for reference
+reference  the MLCommons reference's tf.data pipeline (mlcommons/science benchmarks/cloudmask/data_loader.py:
+           shuffled file list -> interleave(from_generator over HDF5, cycle 2, 2 parallel calls) ->
+           map(crop + extract_patches) -> unbatch -> cache() in RAM -> prefetch -> shuffle(32) -> batch(32))
+off        this project's default path with data.cache=off: raw HDF5 every epoch (pipeline.PatchStream)
+auto       the default, data.cache=auto: epoch 1 reads the HDF5 files and writes the patch cache, later epochs
+           read the cache (cache.py); a fresh cache directory per measurement
+store      a patch store from `cloudmask data prepare` (float16; StoreStream), for comparison
 
-Each (pipeline, number of files) runs in a fresh process, so peak RSS is its own. An epoch is one pass over
-all training batches of 32 without a model (the input pipeline alone: training compute is the same for both).
-Prints a ratio table (Markdown) of first-epoch time, later-epoch time and peak RSS.
+Our pipelines use data.read_threads=auto (the CPUs of this process). An epoch is one pass over all batches of
+32 of the training part of the reference's 80/20 split. Prints patches/s per epoch, the ratios against the
+reference and peak RSS (VmHWM), then how the cached epoch scales with --threads at the largest file count.
 """
 
 from __future__ import annotations
@@ -63,24 +64,31 @@ def run_reference(files: list[str]) -> dict:
     return _epochs(lambda: iter(ds))
 
 
-def run_store(store_dir: str) -> dict:
+def run_store(store_dir: str, threads: int) -> dict:
     from cloudmask import store
     from cloudmask.config import load_config
 
     st = store.open_store(store_dir, load_config())
     stream = store.StoreStream(st, "train", batch_size=BATCH, seed=1, shuffle=True, order="window",
-                               read_threads=4)
+                               read_threads=threads)
     it = iter(stream)
-    return _epochs(lambda: it, batches=stream.batches)
+    return _epochs(lambda: it, batches=stream.steps)
 
 
-def run_streaming(files: list[str]) -> dict:
-    from cloudmask import pipeline
+def run_streaming(files: list[str], cache_dir: str | None, threads: int) -> dict:
+    from cloudmask import cache, pipeline
     from cloudmask.preprocess import Geometry
 
-    stream = pipeline.PatchStream([Path(f) for f in files], Geometry(), "fixed", BATCH, seed=1, shuffle=True)
+    paths = [Path(f) for f in files]
+    entry = cache.SplitCache(Path(cache_dir), paths, "patches", Geometry(), "fixed", 0.5, "training") \
+        if cache_dir else None
+    stream = pipeline.PatchStream(paths, Geometry(), "fixed", BATCH, seed=1, shuffle=True, read_threads=threads,
+                                  cache=entry)
     it = iter(stream)
-    return _epochs(lambda: it, batches=stream.batches)
+    out = _epochs(lambda: it, batches=stream.steps)
+    out["cache"] = entry.state if entry else None
+    stream.close()
+    return out
 
 
 def _epochs(make_iter, batches: int | None = None) -> dict:
@@ -107,9 +115,9 @@ def child(args) -> None:
     if spec["pipeline"] == "reference":
         result = run_reference(spec["files"])
     elif spec["pipeline"] == "store":
-        result = run_store(spec["store"])
+        result = run_store(spec["store"], spec["threads"])
     else:
-        result = run_streaming(spec["files"])
+        result = run_streaming(spec["files"], spec.get("cache"), spec["threads"])
     print("RESULT " + json.dumps(result))
 
 
@@ -121,9 +129,70 @@ def measure(spec: dict) -> dict:
     return json.loads(lines[-1][7:])
 
 
+def _subset(work: Path, n: int, master: Path, all_train: list[Path]) -> Path:
+    from cloudmask import data
+
+    root = work / f"subset-{n}"
+    if not root.is_dir():
+        for f in all_train[:n] + data.find_files(master / "inference"):
+            rel = f.relative_to(master)
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).symlink_to(f)
+    return root
+
+
+def _row(work: Path, n: int, master: Path, all_train: list[Path], threads: int) -> dict:
+    import shutil
+
+    from cloudmask import data, store
+    from cloudmask.config import load_config
+
+    root = _subset(work, n, master, all_train)
+    store_dir = work / f"store-{n}"
+    if not store_dir.is_dir():
+        store.prepare(root, store_dir, load_config(), jobs=threads)
+    cfg = load_config()
+    train, _ = data.split_files(data.find_files(root / "training"), cfg.data.train_split, cfg.data.split_seed)
+    files = [str(f) for f in train]
+    cache_dir = work / f"cache-{n}"
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    print(f"{n} files: reference, off, auto, store ...", file=sys.stderr)
+    row = {"files": len(files), "threads": threads,
+           "reference": measure({"pipeline": "reference", "files": files}),
+           "off": measure({"pipeline": "streaming", "files": files, "threads": threads}),
+           "auto": measure({"pipeline": "streaming", "files": files, "threads": threads, "cache": str(cache_dir)}),
+           "store": measure({"pipeline": "store", "store": str(store_dir), "threads": threads})}
+    return row
+
+
+def _rate(r: dict, epoch: int) -> float:
+    return r["batches"] * BATCH / r[f"epoch{epoch}_s"]
+
+
+def print_tables(rows: list[dict], scaling: dict) -> None:
+    print("| training files | batches | reference e1 p/s | off e1 p/s | auto e1 p/s | auto/ref e1 | reference e2 p/s | "
+          "off e2 p/s | auto e2 p/s | auto/ref e2 | store e2 p/s | peak RSS GiB ref / off / auto / store |")
+    print("|" + "---|" * 12)
+    for r in rows:
+        ref, off, auto, st = r["reference"], r["off"], r["auto"], r["store"]
+        rss = " / ".join(f"{x['peak_rss_gib']:.2f}" for x in (ref, off, auto, st))
+        print(f"| {r['files']} | {auto['batches']} | {_rate(ref, 1):,.0f} | {_rate(off, 1):,.0f} | "
+              f"{_rate(auto, 1):,.0f} | {_rate(auto, 1) / _rate(ref, 1):.1f}x | {_rate(ref, 2):,.0f} | "
+              f"{_rate(off, 2):,.0f} | {_rate(auto, 2):,.0f} | {_rate(auto, 2) / _rate(ref, 2):.1f}x | "
+              f"{_rate(st, 2):,.0f} | {rss} |")
+    if scaling:
+        print()
+        print("| read_threads | cached epoch (2) patches/s | cached epoch (3) patches/s |")
+        print("|---|---|---|")
+        for t, r in scaling.items():
+            print(f"| {t} | {_rate(r, 2):,.0f} | {_rate(r, 3):,.0f} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--files", type=int, nargs="+", default=[4, 8, 16], help="training files per comparison")
+    parser.add_argument("--files", type=int, nargs="+", default=[8, 32, 64], help="training files per comparison")
+    parser.add_argument("--threads", type=int, nargs="*", default=[1, 2],
+                        help="read_threads for the cached-epoch scaling table (largest --files)")
     parser.add_argument("--work", help="work directory (default: a temporary one)")
     parser.add_argument("--json", action="store_true", help="also print the raw measurements as JSON")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -132,54 +201,25 @@ def main() -> int:
         child(args)
         return 0
 
-    from cloudmask import data, store
-    from cloudmask.config import load_config
+    from cloudmask import data, runtime
     from cloudmask.synth import synthesize
 
     work = Path(args.work or tempfile.mkdtemp(prefix="cloudmask-compare-"))
     n_max = max(args.files)
-    # n training files give int(0.8 n) after the reference split; synthesize enough for the largest
     master = work / f"synthetic-{n_max}"
     if not master.is_dir():
         print(f"synthesizing {n_max} files into {master} ...", file=sys.stderr)
         synthesize(master, n_train=n_max, n_test=1, seed=3)
     all_train = data.find_files(master / "training")
-    rows = []
-    for n in args.files:
-        root = work / f"subset-{n}"
-        if not root.is_dir():
-            for f in all_train[:n] + data.find_files(master / "inference"):
-                rel = f.relative_to(master)
-                (root / rel).parent.mkdir(parents=True, exist_ok=True)
-                (root / rel).symlink_to(f)
-        store_dir = work / f"store-{n}"
-        prepare_s = None
-        if not store_dir.is_dir():
-            t0 = time.perf_counter()
-            store.prepare(root, store_dir, load_config(), jobs=2)
-            prepare_s = time.perf_counter() - t0
-        train_files = [str(root / "training" / f) for f in json.loads((store_dir / "store.json").read_text())
-                       ["files"]["train"]]
-        print(f"{n} files: measuring reference, store, streaming ...", file=sys.stderr)
-        ref = measure({"pipeline": "reference", "files": train_files})
-        ours = measure({"pipeline": "store", "store": str(store_dir)})
-        stream = measure({"pipeline": "streaming", "files": train_files})
-        rows.append({"files": len(train_files), "prepare_s": prepare_s, "reference": ref, "store": ours,
-                     "streaming": stream})
-
-    print("| training files | batches | reference epoch 1 s | store epoch 1 s | ratio | reference epoch 2 s | "
-          "store epoch 2 s | ratio | streaming epoch 1 s | reference peak RSS GiB | store peak RSS GiB | "
-          "streaming peak RSS GiB | store prepare s |")
-    print("|" + "---|" * 13)
-    for r in rows:
-        a, b, c = r["reference"], r["store"], r["streaming"]
-        prep = "-" if r["prepare_s"] is None else f"{r['prepare_s']:.1f}"
-        print(f"| {r['files']} | {b['batches']} | {a['epoch1_s']:.2f} | {b['epoch1_s']:.2f} | "
-              f"{a['epoch1_s'] / b['epoch1_s']:.1f}x | {a['epoch2_s']:.2f} | {b['epoch2_s']:.2f} | "
-              f"{a['epoch2_s'] / b['epoch2_s']:.1f}x | {c['epoch1_s']:.2f} | {a['peak_rss_gib']:.2f} | "
-              f"{b['peak_rss_gib']:.2f} | {c['peak_rss_gib']:.2f} | {prep} |")
+    threads = runtime.read_threads("auto")
+    rows = [_row(work, n, master, all_train, threads) for n in args.files]
+    cache_dir = work / f"cache-{n_max}"  # complete after the largest row's auto measurement
+    files = [str(f) for f in data.split_files(data.find_files(work / f"subset-{n_max}" / "training"))[0]]
+    scaling = {t: measure({"pipeline": "streaming", "files": files, "threads": t, "cache": str(cache_dir)})
+               for t in args.threads}
+    print_tables(rows, scaling)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps({"rows": rows, "scaling": scaling}, indent=2))
     return 0
 
 

@@ -119,3 +119,62 @@ def test_memory_stays_bounded_with_more_files(dataset, tmp_path):
         peak = max(peak, proc.memory_info().rss)
     # ~30 files x 20 patches x 2.4 MB would be ~1.4 GB if cached; the window is ~0.1 GB
     assert peak - base < 600e6, (base, peak)
+
+
+def _independent(path, normalisation="fixed"):
+    """The reference's recipe, read through h5py alone: concat refs+bts as float32, fill, normalise, crop."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        refs, bts, bayes = f["refs"][()], f["bts"][()], f["bayes"][()]
+    image = np.concatenate([refs, bts], axis=-1, dtype=np.float32)
+    for c in range(image.shape[-1]):
+        bad = ~np.isfinite(image[..., c])
+        image[..., c][bad] = image[..., c][~bad].min()
+    label = (np.nan_to_num(bayes.reshape(*bayes.shape[:2], 1).astype(np.float64)) > 0).astype(np.uint8)
+    return preprocess.normalise(image, normalisation), label
+
+
+@pytest.mark.parametrize("layout", ["float64-refs", "chunked-gzip", "big-endian", "nan-pixels", "zscore"])
+def test_every_read_path_gives_the_bits_of_the_reference_recipe(dataset_copy, layout):
+    """Direct offset reads (contiguous datasets) and h5py reads (chunked/compressed), the one-pass fixed
+    normalisation and the general path agree bit for bit with an independent h5py implementation."""
+    import h5py
+
+    path = data.find_files(dataset_copy / "training")[0]
+    with h5py.File(path, "r+") as f:
+        arrays = {k: f[k][()] for k in ("refs", "bts", "bayes")}
+        if layout == "nan-pixels":
+            arrays["refs"][5, 7, 2] = np.nan
+            arrays["bts"][100:110, 200, 0] = np.inf
+        for key, value in arrays.items():
+            del f[key]
+            if layout == "float64-refs" and key == "refs":
+                f.create_dataset(key, data=value.astype(np.float64))
+            elif layout == "chunked-gzip":
+                f.create_dataset(key, data=value, chunks=True, compression="gzip")
+            elif layout == "big-endian":
+                f.create_dataset(key, data=value.astype(value.dtype.newbyteorder(">")))
+            else:
+                f.create_dataset(key, data=value)
+    normalisation = "zscore" if layout == "zscore" else "fixed"
+    image, label = _independent(path, normalisation)
+    x, y = pipeline.load_train_patches(path, Geometry(), normalisation, 0.5)
+    assert x.dtype == np.float32 and np.array_equal(x.view(np.uint32), preprocess.train_patches(image).view(np.uint32))
+    assert np.array_equal(y, preprocess.train_patches(label))
+    full, full_label = pipeline.load_normalised_image(path, Geometry(), normalisation, 0.5)
+    assert np.array_equal(full.view(np.uint32), image.view(np.uint32)) and np.array_equal(full_label, label[..., 0])
+
+
+def test_contiguous_datasets_are_read_by_offset_not_through_h5py(dataset, monkeypatch):
+    """The released layout (contiguous, uncompressed) must take the direct reads: h5py's global lock would
+    serialise the reader threads."""
+    import h5py
+
+    def refuse(self, *args):
+        raise AssertionError("data read through h5py")
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", refuse)
+    path = data.find_files(dataset / "training")[0]
+    x, y = pipeline.load_train_patches(path, Geometry(), "fixed", 0.5)
+    assert x.shape == (20, 256, 256, 9) and y.shape == (20, 256, 256, 1)

@@ -132,13 +132,15 @@ def test_the_comparison_script_prints_the_ratio_table(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "compare_pipelines.py"
-    done = subprocess.run([sys.executable, str(script), "--files", "3", "--work", str(tmp_path)],
+    done = subprocess.run([sys.executable, str(script), "--files", "3", "--threads", "1", "--work", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     table = [ln for ln in done.stdout.splitlines() if ln.startswith("|")]
-    assert table[0].startswith("| training files | batches | reference epoch 1 s | store epoch 1 s | ratio")
+    assert table[0].startswith("| training files | batches | reference e1 p/s | off e1 p/s | auto e1 p/s | auto/ref")
     cells = [c.strip() for c in table[2].strip("|").split("|")]
-    assert cells[0] == "2" and cells[4].endswith("x") and float(cells[4][:-1]) > 0
+    assert cells[0] == "2" and cells[5].endswith("x") and float(cells[5][:-1]) > 0
+    assert all(float(c.replace(",", "")) > 0 for c in cells[2:5])
+    assert table[-1].startswith("| 1 |")  # the thread-scaling row
 
 
 def test_a_device_resident_globally_shuffled_run(prepared, tmp_path):

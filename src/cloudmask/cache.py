@@ -42,10 +42,10 @@ FORMAT = 1
 ENTRY = "entry.json"
 
 
-def cache_root(setting: str) -> Path | None:
+def cache_root(setting: str | bool) -> Path | None:
     """Where ``data.cache`` puts entries: None for ``off``; ``auto`` is $CLOUDMASK_CACHE_DIR, else node-local
     scratch in a SLURM job ($SLURM_TMPDIR, $TMPDIR or /tmp), else $XDG_CACHE_HOME (~/.cache); else the path."""
-    if setting == "off":
+    if setting in ("off", False):  # YAML reads a bare `off` as false
         return None
     if setting != "auto":
         return Path(setting).expanduser()
@@ -163,14 +163,21 @@ class SplitCache:
 
     # -- reading and writing ---------------------------------------------------------------------------------
 
+    @property
+    def complete(self) -> bool:
+        return self._arrays is not None
+
     def get(self, index: int):
         """(x, y) of file ``index`` from the entry, or None while there is no complete entry."""
-        arrays = self._arrays
-        if arrays is None:
+        if self._arrays is None:
             return None
-        rows = np.arange(index * self.layout.per, (index + 1) * self.layout.per)
-        x, y = arrays["x"].read(rows), arrays["y"].read(rows)
+        x, y = self.read_rows(np.arange(index * self.layout.per, (index + 1) * self.layout.per))
         return (x, y) if self.kind == "patches" else (x[0], y[0])
+
+    def read_rows(self, rows: np.ndarray, x: np.ndarray | None = None, y: np.ndarray | None = None):
+        """Rows (patch numbers) of the complete entry, into ``x``/``y`` when given (a batch read in parts)."""
+        arrays = self._arrays
+        return arrays["x"].read(rows, x), arrays["y"].read(rows, y)
 
     def put(self, index: int, x: np.ndarray, y: np.ndarray) -> None:
         """Record file ``index`` read from its HDF5 file; the entry is published when it is the last one."""
@@ -283,8 +290,8 @@ class _Rows:
             raise DataError(f"{path.name}: {size} bytes, expected {expected}")
         return rows
 
-    def read(self, rows: np.ndarray) -> np.ndarray:
-        out = np.empty((len(rows), *self.shape[1:]), self.dtype)
+    def read(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        out = np.empty((len(rows), *self.shape[1:]), self.dtype) if out is None else out
         flat = out.reshape(len(rows), -1).view(np.uint8)
         for k, r in enumerate(rows):
             if os.preadv(self.fd, [memoryview(flat[k])], self.offset + int(r) * self.row_bytes) != self.row_bytes:

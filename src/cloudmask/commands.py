@@ -110,7 +110,8 @@ def data_prepare(args) -> int:
     meta = store.prepare(args.raw, args.store, cfg, jobs=args.jobs, progress=_progress("converted"))
     counts = meta["counts"]
     print(f"store {args.store}: {counts['train_x']} training + {counts['val_x']} validation patches, "
-          f"{counts['test_x']} test images, {meta['normalisation']} normalisation, float16, in {meta['prepare_s']:.1f} s")
+          f"{counts['test_x']} test images, {meta['normalisation']} normalisation, float16, "
+          f"in {meta['prepare_s']:.1f} s")
     return 0
 
 

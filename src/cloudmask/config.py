@@ -30,11 +30,8 @@ class _Loader(yaml.SafeLoader):
     pass
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
 
 
 def yaml_load(text: str):
@@ -104,6 +101,10 @@ def _text(optional: bool = False) -> Rule:
     return Rule("string" + (" or null" if optional else ""), check)
 
 
+def _auto_or(rule: Rule) -> Rule:
+    return Rule(f"auto or {rule.describe}", lambda v: None if v == "auto" else rule.check(v))
+
+
 def _verbose() -> Rule:
     return Rule("auto | 0 | 1 | 2", lambda v: None if v in ("auto", 0, 1, 2) else "must be auto, 0, 1 or 2")
 
@@ -118,10 +119,9 @@ RULES: dict[str, Rule] = {
     "data.split_seed": _int(0, 2**32 - 1),
     "data.min_finite_fraction": _float(0.0, 1.0),
     "data.skip_bad": _bool(),
-    "data.read_threads": Rule("auto or 1..64", lambda v: None if v == "auto" or (
-        isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 64) else "must be auto or an integer 1..64"),
-    "data.cache": Rule("auto | off | a directory", lambda v: None if isinstance(v, str) and v.strip() else
-                       "must be auto, off or a directory"),
+    "data.read_threads": _auto_or(_int(1, 64)),
+    "data.cache": Rule("auto | off | a directory", lambda v: None if v is False or isinstance(v, str) and v.strip()
+                       else "must be auto, off or a directory"),  # YAML reads a bare off as false
     "data.store": _text(optional=True),
     "data.resident": _choice("none", "host", "device"),
     "image.height": _int(16),
@@ -158,8 +158,7 @@ RULES: dict[str, Rule] = {
     "distribute.strategy": _choice("auto", "none", "mirrored", "multi_worker"),
     "distribute.cpu_devices": _int(2, 256, optional=True),
     "distribute.per_replica_batch": _bool(),
-    "distribute.port": Rule("auto or 1024..65000", lambda v: None if v == "auto" or (
-        isinstance(v, int) and not isinstance(v, bool) and 1024 <= v <= 65000) else "must be auto or 1024..65000"),
+    "distribute.port": _auto_or(_int(1024, 65000)),
     "distribute.timeout_s": _float(1.0, 86_400.0),
     "mlperf.benchmark": _choice("cloudmask"),
     "mlperf.org": _text(),

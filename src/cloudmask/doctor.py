@@ -139,7 +139,8 @@ def check_context() -> list[Check]:
     if slurm:
         job = slurm.get("SLURM_ARRAY_JOB_ID") and f"{slurm['SLURM_ARRAY_JOB_ID']}_{slurm.get('SLURM_ARRAY_TASK_ID')}"
         out.append(Check("SLURM", "info", f"job {job or slurm.get('SLURM_JOB_ID')} on "
-                                          f"{slurm.get('SLURMD_NODENAME', '?')}, GPUs {slurm.get('SLURM_JOB_GPUS', '-')}, "
+                                          f"{slurm.get('SLURMD_NODENAME', '?')}, "
+                                          f"GPUs {slurm.get('SLURM_JOB_GPUS', '-')}, "
                                           f"CPUs {slurm.get('SLURM_CPUS_PER_TASK', '-')}"))
     else:
         out.append(Check("SLURM", "info", "not inside a SLURM job"))

@@ -55,7 +55,7 @@ def check(cfg) -> None:
         store.open_store(cfg.data.store, cfg)
         return
     data.resolve_layout(cfg.data.root, cfg.data.train_dir, cfg.data.test_dir, need_test=cfg.infer.enabled)
-    if cfg.data.cache not in ("auto", "off"):  # asked for by name: a directory that cannot be made is an error
+    if cfg.data.cache not in ("auto", "off", False):  # asked for by name: a directory that cannot be made is an error
         root = cache.cache_root(cfg.data.cache)
         with fileio.writing(root):
             root.mkdir(parents=True, exist_ok=True)
@@ -77,7 +77,8 @@ def _from_store(cfg, start_epoch: int, shard: tuple[int, int], stage_to, staged)
     if stage_to:
         path = staged(lambda: store.stage(store.open_store(path, cfg).path, stage_to))
     st = store.open_store(path, cfg)
-    common = dict(batch_size=cfg.train.batch_size, seed=cfg.seed, read_threads=max(2, runtime.read_threads(cfg.data.read_threads)),
+    threads = max(2, runtime.read_threads(cfg.data.read_threads))
+    common = dict(batch_size=cfg.train.batch_size, seed=cfg.seed, read_threads=threads,
                   micro_batches=cfg.accumulation_steps, resident=cfg.data.resident, shard=shard)
     train = store.StoreStream(st, "train", shuffle=True, order=cfg.train.shuffle,
                               window_files=cfg.train.shuffle_buffer_files, start_epoch=start_epoch, **common)
@@ -86,7 +87,7 @@ def _from_store(cfg, start_epoch: int, shard: tuple[int, int], stage_to, staged)
     facts = {"store": str(st.path), "source": st.meta["source"]["root"], "train_files": len(train_files),
              "val_files": len(val_files)}
     return RunInputs(train_files, val_files, train, val, store.test_images(st), "patch-store", "patch store",
-                     st.path, st.meta["source"].get("manifest_sha256"), facts)
+                     st.path, st.meta["source"].get("manifest_sha256"), facts, read_threads=threads)
 
 
 def _from_raw(cfg, start_epoch: int, stage_to, staged) -> RunInputs:

@@ -141,7 +141,8 @@ class RawFiles:
 
 class _RawReader(PatchReader):
     """Reads the epoch's files ``read_threads`` at a time ahead of the batch order, and keeps the loaded files
-    whose patches are still to be served."""
+    whose patches are still to be served. An epoch that starts with the files' cache complete reads every
+    batch's patches straight from it instead, split over the threads (no per-file copy)."""
 
     def __init__(self, source: RawFiles):
         self.source = source
@@ -150,12 +151,14 @@ class _RawReader(PatchReader):
         self.pending: deque = deque()
         self.loaded: dict[int, tuple] = {}
         self.files: Iterator[int] = iter(())
+        self.cached = False
 
     def start_epoch(self, files: Iterator[int]) -> None:
         self._cancel()
         self.loaded.clear()
         self.files = files
-        for _ in range(self.source.read_threads + 1):
+        self.cached = self.source.cache is not None and self.source.cache.complete
+        for _ in range(0 if self.cached else self.source.read_threads + 1):
             self._submit()
 
     def _submit(self) -> None:
@@ -163,6 +166,8 @@ class _RawReader(PatchReader):
         self.pending.append((index, self.pool.submit(self.source.load, index)))
 
     def usable(self, file: int) -> bool:
+        if self.cached:
+            return True  # a complete cache holds every file: none was bad
         index, future = self.pending.popleft()
         assert index == file, (index, file)  # the batch order asks in the order of file_sequence
         self._submit()
@@ -172,6 +177,8 @@ class _RawReader(PatchReader):
         return result is not None
 
     def read(self, patches: np.ndarray):
+        if self.cached:
+            return self._read_cached(patches)
         per = self.source.per_file
         first_x, first_y = self.loaded[int(patches[0]) // per]
         x = np.empty((len(patches), *first_x.shape[1:]), first_x.dtype)
@@ -180,6 +187,15 @@ class _RawReader(PatchReader):
             fx, fy = self.loaded[int(p) // per]
             x[k], y[k] = fx[p % per], fy[p % per]
         return x, y
+
+    def _read_cached(self, patches: np.ndarray):
+        g = self.source.geometry
+        x = np.empty((len(patches), g.patch, g.patch, preprocess.N_CHANNELS), np.float32)
+        y = np.empty((len(patches), g.patch, g.patch, 1), np.uint8)
+        parts = [p for p in np.array_split(np.arange(len(patches)), self.source.read_threads) if len(p)]
+        list(self.pool.map(lambda p: self.source.cache.read_rows(patches[p], x[p[0]:p[-1] + 1],
+                                                                 y[p[0]:p[-1] + 1]), parts))
+        return x, y.astype(np.float32)
 
     def end_epoch(self) -> None:
         self.source.complete_cache()

@@ -32,7 +32,7 @@ _REFERENCE_UNUSED = {
     "mlperf_logfile": "the MLPerf log is <run>/mlperf.log",
     "MIN_SST": "unused by the reference too",
     "clip_offset": "unused by the reference too",
-    "no_cache": "the streaming input pipeline never caches the dataset in RAM",
+    "no_cache": "decoded patches are cached on disk, never in RAM (data.cache; off: decode every epoch)",
     "experiment": "sweeps are described by `cloudmask grid` files",
     "system": "host facts are recorded in manifest.json",
 }
