@@ -12,7 +12,8 @@ store      a patch store from `cloudmask data prepare` (float16; StoreStream), f
 
 Our pipelines use data.read_threads=auto (the CPUs of this process). An epoch is one pass over all batches of
 32 of the training part of the reference's 80/20 split. Prints patches/s per epoch, the ratios against the
-reference and peak RSS (VmHWM), then how the cached epoch scales with --threads at the largest file count.
+reference and peak RSS (VmHWM); then, at the largest file count, how the cached epoch scales with --threads,
+and files decoded per second by --threads threads reading through h5py (its global lock) or by file offset.
 """
 
 from __future__ import annotations
@@ -114,6 +115,8 @@ def child(args) -> None:
     spec = json.loads(args.child)
     if spec["pipeline"] == "reference":
         result = run_reference(spec["files"])
+    elif spec["pipeline"] == "decode":
+        result = decode_rates(spec["files"], spec["threads"])
     elif spec["pipeline"] == "store":
         result = run_store(spec["store"], spec["threads"])
     else:
@@ -127,6 +130,36 @@ def measure(spec: dict) -> dict:
     if done.returncode != 0 or not lines:
         raise SystemExit(f"{spec['pipeline']} failed:\n{done.stderr[-2000:]}")
     return json.loads(lines[-1][7:])
+
+
+def decode_rates(files: list[str], threads: list[int], rounds: int = 2) -> dict:
+    """Files decoded per second (read + normalise + patch) by N threads, reading the datasets through h5py
+    (one global lock) or by offset (data.read_arrays): what parallel decode gains from leaving the lock."""
+    import concurrent.futures
+
+    import h5py
+
+    from cloudmask import data, preprocess
+    from cloudmask.preprocess import Geometry
+
+    g = Geometry()
+
+    def through_h5py(path):
+        with h5py.File(path, "r") as f:
+            return {k: f[k][()].reshape(g.height, g.width, -1) for k in ("refs", "bts", "bayes")}
+
+    def decode(read, path):
+        a = read(path)
+        return preprocess.fixed_train_patches(a["refs"], a["bts"], g), data.label_of(a["bayes"])
+
+    out = {}
+    for name, read in (("h5py", through_h5py), ("direct", lambda p: data.read_arrays(p, g))):
+        for t in threads:
+            with concurrent.futures.ThreadPoolExecutor(t) as pool:
+                t0 = time.perf_counter()
+                list(pool.map(lambda p: decode(read, p), files * rounds))
+                out[f"{name} {t}"] = len(files) * rounds / (time.perf_counter() - t0)
+    return out
 
 
 def _subset(work: Path, n: int, master: Path, all_train: list[Path]) -> Path:
@@ -169,7 +202,7 @@ def _rate(r: dict, epoch: int) -> float:
     return r["batches"] * BATCH / r[f"epoch{epoch}_s"]
 
 
-def print_tables(rows: list[dict], scaling: dict) -> None:
+def print_tables(rows: list[dict], scaling: dict, decode: dict) -> None:
     print("| training files | batches | reference e1 p/s | off e1 p/s | auto e1 p/s | auto/ref e1 | reference e2 p/s | "
           "off e2 p/s | auto e2 p/s | auto/ref e2 | store e2 p/s | peak RSS GiB ref / off / auto / store |")
     print("|" + "---|" * 12)
@@ -186,6 +219,11 @@ def print_tables(rows: list[dict], scaling: dict) -> None:
         print("|---|---|---|")
         for t, r in scaling.items():
             print(f"| {t} | {_rate(r, 2):,.0f} | {_rate(r, 3):,.0f} |")
+    if decode:
+        print()
+        print("| decode (read + normalise + patch), files/s | " + " | ".join(decode) + " |")
+        print("|---|" + "---|" * len(decode))
+        print("| | " + " | ".join(f"{v:.1f}" for v in decode.values()) + " |")
 
 
 def main() -> int:
@@ -217,9 +255,10 @@ def main() -> int:
     files = [str(f) for f in data.split_files(data.find_files(work / f"subset-{n_max}" / "training"))[0]]
     scaling = {t: measure({"pipeline": "streaming", "files": files, "threads": t, "cache": str(cache_dir)})
                for t in args.threads}
-    print_tables(rows, scaling)
+    decode = measure({"pipeline": "decode", "files": files[:16], "threads": args.threads}) if args.threads else {}
+    print_tables(rows, scaling, decode)
     if args.json:
-        print(json.dumps({"rows": rows, "scaling": scaling}, indent=2))
+        print(json.dumps({"rows": rows, "scaling": scaling, "decode": decode}, indent=2))
     return 0
 
 

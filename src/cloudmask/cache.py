@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from . import fileio
-from .errors import DataError
+from .errors import DataError, OutputError
 from .preprocess import N_CHANNELS, Geometry
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,7 @@ class SplitCache:
         self.state, self.reason = "streamed", ""
         self._arrays: dict[str, _Rows] | None = None
         self._build: _Build | None = None
+        self._publisher: threading.Thread | None = None
         self._guard = threading.Lock()
         try:
             self._open()
@@ -180,17 +181,28 @@ class SplitCache:
         return arrays["x"].read(rows, x), arrays["y"].read(rows, y)
 
     def put(self, index: int, x: np.ndarray, y: np.ndarray) -> None:
-        """Record file ``index`` read from its HDF5 file; the entry is published when it is the last one."""
+        """Record file ``index`` read from its HDF5 file. After the last one this process reads the entry at
+        once (its data is in the page cache) while it is published in the background (fsync, entry.json,
+        rename: seconds for a large entry, which no epoch waits for)."""
         with self._guard:
             build = self._build
             if build is None or index in build.written:
                 return
             try:
                 build.write(index, x, y)
-                if len(build.written) == self.layout.n_files:
-                    self._publish(build)
             except OSError as e:
                 self.abandon(f"writing {build.tmp} failed ({e.strerror or e})")
+                return
+            if len(build.written) == self.layout.n_files:
+                try:
+                    self._arrays = _open_arrays(build.tmp, self.layout)  # open files stay readable when renamed
+                except (OSError, DataError) as e:
+                    self.abandon(f"reading back {build.tmp} failed ({e})")
+                    return
+                self._build, self.state = None, "publishing"
+                self._publisher = threading.Thread(target=self._publish, args=(build,), daemon=True,
+                                                   name=f"cache-{self.what}")
+                self._publisher.start()
 
     def missing(self) -> list[int]:
         """The files the entry still lacks (those an epoch did not need: the dropped remainder)."""
@@ -198,18 +210,27 @@ class SplitCache:
         return [] if build is None else [i for i in range(self.layout.n_files) if i not in build.written]
 
     def _publish(self, build: "_Build") -> None:
-        build.finish(self.key)
         try:
-            os.rename(build.tmp, self.path)
-        except OSError:
-            if not self.path.is_dir():
-                raise
-            shutil.rmtree(build.tmp, ignore_errors=True)  # an equal entry is already there
+            build.finish(self.key)
+            try:
+                os.rename(build.tmp, self.path)
+            except OSError:
+                if not self.path.is_dir():
+                    raise
+                shutil.rmtree(build.tmp, ignore_errors=True)  # an equal entry is already there
+        except (OSError, OutputError) as e:  # a full disk: this run keeps reading its open copy
+            build.discard()
+            self.state, self.reason = "abandoned", f"publishing {self.path} failed ({e})"
+            log.warning("%s patch cache not kept: %s", self.what, self.reason)
+            return
         build.lock.release()
-        self._build = None
-        self._arrays = _open_entry(self.path, self.key, self.layout)
         self.state = "built"
         log.info("%s patch cache written: %s (%.2f GiB)", self.what, self.path, self.layout.nbytes / 2**30)
+
+    def wait(self) -> None:
+        """Until a publication under way has ended."""
+        if self._publisher is not None:
+            self._publisher.join()
 
     def abandon(self, reason: str) -> None:
         """Stop building (a bad file, a write error, the end of the run): the partial entry is removed."""
@@ -220,6 +241,7 @@ class SplitCache:
             log.warning("%s patch cache not kept: %s", self.what, reason)
 
     def close(self) -> None:
+        self.wait()
         if self._build is not None:
             self.abandon("the run ended before every file was read")
         for array in (self._arrays or {}).values():
@@ -227,6 +249,7 @@ class SplitCache:
         self._arrays = None
 
     def report(self) -> dict:
+        self.wait()
         out = {"state": self.state, "path": str(self.path), "bytes": self.layout.nbytes}
         return {**out, "reason": self.reason} if self.reason else out
 
@@ -354,6 +377,10 @@ def _open_entry(path: Path, key: str, layout: Layout) -> dict[str, _Rows]:
     wanted = {"format": FORMAT, "key": key, "files": layout.n_files, "per_file": layout.per}
     if any(meta.get(k) != v for k, v in wanted.items()) if isinstance(meta, dict) else True:
         raise DataError(f"{ENTRY} does not describe this entry")
+    return _open_arrays(path, layout)
+
+
+def _open_arrays(path: Path, layout: Layout) -> dict[str, _Rows]:
     shapes = layout.shapes
     x = _Rows.open(path / "x.npy", shapes["x"], np.float32)
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import threading
 from collections import deque
 from pathlib import Path
 from typing import Iterator
@@ -31,10 +32,11 @@ def load_train_patches(path: Path, geometry: Geometry, normalisation: str,
     """One file -> (patches float32 (n, P, P, 9), labels uint8 (n, P, P, 1)), normalised as the reference does
     (whole image first, then crop). A finite file with the fixed normalisation takes the one-pass route, with
     the same bits (tests/test_pipeline.py)."""
-    arrays = data.read_arrays(path, geometry)
+    arrays = data.read_arrays(path, geometry, _buffers())
     if normalisation == "fixed" and data.all_finite(arrays):
-        patches = preprocess.fixed_train_patches(arrays["refs"], arrays["bts"], geometry)
-        return patches, preprocess.train_patches(data.label_of(arrays["bayes"]), geometry)
+        label = preprocess.train_patches(data.label_of(arrays["bayes"]), geometry)
+        # the buffers are this thread's scratch: nothing read into them outlives this call
+        return preprocess.fixed_train_patches(arrays["refs"], arrays["bts"], geometry, overwrite_input=True), label
     sample = data.sample_of(path, arrays, min_finite_fraction)
     image = preprocess.normalise(sample.image, normalisation)
     return preprocess.train_patches(image, geometry), preprocess.train_patches(sample.label, geometry)
@@ -43,13 +45,23 @@ def load_train_patches(path: Path, geometry: Geometry, normalisation: str,
 def load_normalised_image(path: Path, geometry: Geometry, normalisation: str,
                           min_finite_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """One file -> (normalised image float32 (H, W, 9), label uint8 (H, W)), for inference."""
-    arrays = data.read_arrays(path, geometry)
+    arrays = data.read_arrays(path, geometry, _buffers())
     if normalisation == "fixed" and data.all_finite(arrays):
         image = np.empty((geometry.height, geometry.width, preprocess.N_CHANNELS), np.float32)
         preprocess.normalise_fixed_into(arrays["refs"], arrays["bts"], image)
         return image, data.label_of(arrays["bayes"])[..., 0]
     sample = data.sample_of(path, arrays, min_finite_fraction)
     return preprocess.normalise(sample.image, normalisation), sample.label[..., 0]
+
+
+_scratch = threading.local()
+
+
+def _buffers() -> dict:
+    """This thread's read buffers (data.read_arrays), reused file after file."""
+    if not hasattr(_scratch, "buffers"):
+        _scratch.buffers = {}
+    return _scratch.buffers
 
 
 def quick_check(path: Path, geometry: Geometry) -> str | None:

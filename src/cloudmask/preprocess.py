@@ -178,10 +178,13 @@ def normalise_fixed_into(refs: np.ndarray, bts: np.ndarray, out: np.ndarray) -> 
     return out
 
 
-def fixed_train_patches(refs: np.ndarray, bts: np.ndarray, geometry: Geometry = DEFAULT_GEOMETRY) -> np.ndarray:
+def fixed_train_patches(refs: np.ndarray, bts: np.ndarray, geometry: Geometry = DEFAULT_GEOMETRY,
+                        overwrite_input: bool = False) -> np.ndarray:
     """``train_patches(normalise(concat(refs, bts), "fixed"))``, identical bits, normalising only the cropped
-    pixels directly into the patch layout (the fixed normalisation is per pixel, so crop-then-normalise equals
-    the reference's normalise-then-crop)."""
+    pixels (the fixed normalisation is per pixel, so crop-then-normalise equals the reference's
+    normalise-then-crop). ``overwrite_input``: native float32 inputs are normalised in place, in contiguous
+    passes, and their pixels then copied as whole 24- and 12-byte records into the patch layout (twice as fast
+    as arithmetic on the strided layout)."""
     g = geometry
     rows, cols = g.train_grid
     r, c = g.train_crop
@@ -192,7 +195,17 @@ def fixed_train_patches(refs: np.ndarray, bts: np.ndarray, geometry: Geometry = 
     def tiles(a):
         return a[r, c].reshape(rows, p, cols, p, a.shape[2])
 
-    normalise_fixed_into(tiles(refs), tiles(bts), as_image)
+    native = all(a.dtype == np.float32 and a.dtype.isnative and a.flags.c_contiguous for a in (refs, bts))
+    if not (overwrite_input and native):
+        normalise_fixed_into(tiles(refs), tiles(bts), as_image)
+        return out
+    np.subtract(refs, np.float32(REFS_OFFSET), out=refs)
+    np.subtract(bts, np.float32(BT_OFFSET), out=bts)
+    np.divide(bts, np.float32(BT_SCALE), out=bts)
+    pixel = np.dtype([("refs", f"V{4 * N_REFS}"), ("bts", f"V{4 * N_BTS}")])
+    records = out.view(pixel)[..., 0].reshape(rows, cols, p, p).transpose(0, 2, 1, 3)  # (rows, p, cols, p)
+    records["refs"] = tiles(refs.view(f"V{4 * N_REFS}"))[..., 0]
+    records["bts"] = tiles(bts.view(f"V{4 * N_BTS}"))[..., 0]
     return out
 
 
