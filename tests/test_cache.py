@@ -173,7 +173,7 @@ def test_a_damaged_entry_is_rebuilt_with_a_warning_never_used(dataset, tmp_path,
     assert _entry(tmp_path, files).state == "reused"
 
 
-def test_the_half_written_entry_of_a_killed_run_is_never_used(dataset, tmp_path):
+def test_the_half_written_entry_of_a_killed_run_is_never_used(dataset, tmp_path, caplog):
     proc = _builder(dataset, tmp_path, "stall")
     assert proc.stdout.readline().strip() == "STATE building"
     assert proc.stdout.readline().strip() == "WROTE"
@@ -181,7 +181,9 @@ def test_the_half_written_entry_of_a_killed_run_is_never_used(dataset, tmp_path)
     proc.wait(timeout=30)
     files = _train_files(dataset)
     assert list(tmp_path.glob(".*.tmp-*")) and not _entries(tmp_path)
-    entry = _entry(tmp_path, files)
+    with caplog.at_level(logging.WARNING, logger="cloudmask.cache"):
+        entry = _entry(tmp_path, files)
+    assert any("partial patch cache" in r.getMessage() for r in caplog.records)
     assert entry.state == "building" and not [p for p in tmp_path.glob(".*.tmp-*") if str(os.getpid()) not in p.name]
     assert _same(_batches(files), _batches(files, entry)) and entry.state == "built"
 

@@ -143,7 +143,11 @@ class SplitCache:
             self._no_cache(f"{self.layout.nbytes / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free in "
                            f"{self.root}; set data.cache=DIR elsewhere or data.cache=off")
             return
-        self._build = _Build(self.root / f".{self.key}.tmp-{os.getpid()}", self.layout, lock)
+        try:
+            self._build = _Build(self.root / f".{self.key}.tmp-{os.getpid()}", self.layout, lock)
+        except OSError:
+            lock.release()
+            raise
         self.state = "building"
 
     def _reuse(self) -> bool:
@@ -156,6 +160,7 @@ class SplitCache:
             _discard(self.path)
             return False
         self.state = "reused"
+        log.info("%s patches from the cache %s", self.what, self.path)
         return True
 
     def _no_cache(self, reason: str) -> None:
@@ -403,5 +408,5 @@ def _discard(path: Path) -> None:
 def _remove_leftovers(root: Path, key: str) -> None:
     """Partial entries of builders that died (SIGKILL, node failure): their lock is free, so they are dead."""
     for stale in root.glob(f".{key}.tmp-*"):
-        log.info("removing a partial patch cache left by an interrupted run: %s", stale)
+        log.warning("removing a partial patch cache left by an interrupted run: %s", stale)
         shutil.rmtree(stale, ignore_errors=True)
