@@ -95,16 +95,16 @@ def _convert(splits: dict[str, list[Path]], g: Geometry, cfg, out: Path, jobs: i
               shapes.items()}
     jobs_list = [(split, i, path) for split, files in splits.items() for i, path in enumerate(files)]
 
-    def convert(job):
+    def convert(job):  # the raw pipeline's own loaders, so a store holds what streaming would train on
         split, i, path = job
-        sample = data.read_sample(path, g, cfg.data.min_finite_fraction)
-        image = preprocess.normalise(sample.image, cfg.data.normalisation)
         if split == "test":
-            arrays["test_x"][i] = image.astype(np.float16)
-            arrays["test_y"][i] = sample.label[..., 0]
+            image, label = pipeline.load_normalised_image(path, g, cfg.data.normalisation,
+                                                          cfg.data.min_finite_fraction)
+            arrays["test_x"][i], arrays["test_y"][i] = image.astype(np.float16), label
         else:
-            arrays[f"{split}_x"][i * per:(i + 1) * per] = preprocess.train_patches(image, g).astype(np.float16)
-            arrays[f"{split}_y"][i * per:(i + 1) * per] = preprocess.train_patches(sample.label, g)
+            x, y = pipeline.load_train_patches(path, g, cfg.data.normalisation, cfg.data.min_finite_fraction)
+            arrays[f"{split}_x"][i * per:(i + 1) * per] = x.astype(np.float16)
+            arrays[f"{split}_y"][i * per:(i + 1) * per] = y
 
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         for n, _ in enumerate(pool.map(convert, jobs_list), 1):
