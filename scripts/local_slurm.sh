@@ -43,6 +43,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/none
 CredType=cred/none
+# a requeued job restarts after cred_expire s (default 120); one started sooner is killed (credential revoked)
+AuthInfo=cred_expire=10
 SlurmctldPort=${SLURMCTLD_PORT:-6817}
 SlurmdPort=${SLURMD_PORT:-6818}
 StateSaveLocation=$dir/state

@@ -35,11 +35,13 @@ import numpy as np
 from . import fileio
 from .errors import DataError, OutputError
 from .preprocess import N_CHANNELS, Geometry
+from .rows import RowFile, read_batch
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
 ENTRY = "entry.json"
+REMOVE_ENTRY = "remove the patch cache entry (the next run builds it again) or set data.cache=off"
 
 
 def cache_root(setting: str | bool) -> Path | None:
@@ -114,7 +116,7 @@ class SplitCache:
         self.key = entry_key(files, kind, g, normalisation, min_finite_fraction)
         self.root, self.path = root, root / self.key
         self.state, self.reason = "streamed", ""
-        self._arrays: dict[str, _Rows] | None = None
+        self._arrays: dict[str, RowFile] | None = None
         self._build: _Build | None = None
         self._publisher: threading.Thread | None = None
         self._guard = threading.Lock()
@@ -177,13 +179,13 @@ class SplitCache:
         """(x, y) of file ``index`` from the entry, or None while there is no complete entry."""
         if self._arrays is None:
             return None
-        x, y = self.read_rows(np.arange(index * self.layout.per, (index + 1) * self.layout.per))
+        x, y = read_batch(self.row_files(), np.arange(index * self.layout.per, (index + 1) * self.layout.per))
         return (x, y) if self.kind == "patches" else (x[0], y[0])
 
-    def read_rows(self, rows: np.ndarray, x: np.ndarray | None = None, y: np.ndarray | None = None):
-        """Rows (patch numbers) of the complete entry, into ``x``/``y`` when given (a batch read in parts)."""
+    def row_files(self) -> list[RowFile]:
+        """The complete entry's x and y arrays (rows are patches, or whole images)."""
         arrays = self._arrays
-        return arrays["x"].read(rows, x), arrays["y"].read(rows, y)
+        return [arrays["x"], arrays["y"]]
 
     def put(self, index: int, x: np.ndarray, y: np.ndarray) -> None:
         """Record file ``index`` read from its HDF5 file. After the last one this process reads the entry at
@@ -282,63 +284,6 @@ class _Lock:
             self.fd = -1
 
 
-class _Rows:
-    """A .npy array of the cache read or written by rows with pread/pwrite (thread-safe, GIL released)."""
-
-    def __init__(self, path: Path, fd: int, offset: int, shape: tuple, dtype):
-        self.path, self.fd, self.offset = path, fd, offset
-        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
-        self.row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
-
-    @classmethod
-    def create(cls, path: Path, shape: tuple, dtype) -> "_Rows":
-        with open(path, "wb") as f:
-            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                                                     "fortran_order": False, "shape": tuple(shape)})
-            offset = f.tell()
-        rows = cls(path, os.open(path, os.O_RDWR), offset, shape, dtype)
-        os.ftruncate(rows.fd, offset + rows.row_bytes * shape[0])
-        return rows
-
-    @classmethod
-    def open(cls, path: Path, shape: tuple, dtype) -> "_Rows":
-        try:
-            with open(path, "rb") as f:
-                np.lib.format.read_magic(f)
-                found_shape, fortran, found_dtype = np.lib.format.read_array_header_1_0(f)
-                offset = f.tell()
-        except (OSError, ValueError) as e:
-            raise DataError(f"{path.name}: unreadable header ({e})") from None
-        if tuple(found_shape) != tuple(shape) or np.dtype(found_dtype) != np.dtype(dtype) or fortran:
-            raise DataError(f"{path.name}: holds {found_dtype} {found_shape}, expected {np.dtype(dtype)} {shape}")
-        rows = cls(path, os.open(path, os.O_RDONLY), offset, shape, dtype)
-        size, expected = os.fstat(rows.fd).st_size, offset + rows.row_bytes * shape[0]
-        if size != expected:
-            rows.close()
-            raise DataError(f"{path.name}: {size} bytes, expected {expected}")
-        return rows
-
-    def read(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        out = np.empty((len(rows), *self.shape[1:]), self.dtype) if out is None else out
-        flat = out.reshape(len(rows), -1).view(np.uint8)
-        for k, r in enumerate(rows):
-            if os.preadv(self.fd, [memoryview(flat[k])], self.offset + int(r) * self.row_bytes) != self.row_bytes:
-                raise DataError(f"{self.path}: shorter than its header says", "remove the cache entry")
-        return out
-
-    def write(self, first_row: int, values: np.ndarray) -> None:
-        data = memoryview(np.ascontiguousarray(values, self.dtype).reshape(-1).view(np.uint8))
-        at = self.offset + first_row * self.row_bytes
-        while len(data):
-            n = os.pwrite(self.fd, data, at)
-            data, at = data[n:], at + n
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
 class _Build:
     """An entry being written under its temporary name, while this process holds the lock."""
 
@@ -347,8 +292,8 @@ class _Build:
         self.written: set[int] = set()
         tmp.mkdir()
         shapes = layout.shapes
-        self.arrays = {"x": _Rows.create(tmp / "x.npy", shapes["x"], np.float32),
-                       "y": _Rows.create(tmp / "y.npy", shapes["y"], np.uint8)}
+        self.arrays = {"x": RowFile.create(tmp / "x.npy", shapes["x"], np.float32),
+                       "y": RowFile.create(tmp / "y.npy", shapes["y"], np.uint8)}
         atexit.register(self.discard)  # an interpreter exit (a signal, an error) leaves no partial entry
 
     def write(self, index: int, x: np.ndarray, y: np.ndarray) -> None:
@@ -374,7 +319,7 @@ class _Build:
         self.lock.release()
 
 
-def _open_entry(path: Path, key: str, layout: Layout) -> dict[str, _Rows]:
+def _open_entry(path: Path, key: str, layout: Layout) -> dict[str, RowFile]:
     try:
         meta = json.loads((path / ENTRY).read_text())
     except (OSError, ValueError) as e:
@@ -385,11 +330,11 @@ def _open_entry(path: Path, key: str, layout: Layout) -> dict[str, _Rows]:
     return _open_arrays(path, layout)
 
 
-def _open_arrays(path: Path, layout: Layout) -> dict[str, _Rows]:
+def _open_arrays(path: Path, layout: Layout) -> dict[str, RowFile]:
     shapes = layout.shapes
-    x = _Rows.open(path / "x.npy", shapes["x"], np.float32)
+    x = RowFile.open(path / "x.npy", shapes["x"], np.float32, fix=REMOVE_ENTRY)
     try:
-        return {"x": x, "y": _Rows.open(path / "y.npy", shapes["y"], np.uint8)}
+        return {"x": x, "y": RowFile.open(path / "y.npy", shapes["y"], np.uint8, fix=REMOVE_ENTRY)}
     except DataError:
         x.close()
         raise

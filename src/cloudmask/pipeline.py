@@ -23,6 +23,7 @@ from .cache import SplitCache
 from .errors import DataError
 from .evaluate import TestImages
 from .preprocess import Geometry
+from .rows import read_batch
 
 log = logging.getLogger(__name__)
 
@@ -201,12 +202,7 @@ class _RawReader(PatchReader):
         return x, y
 
     def _read_cached(self, patches: np.ndarray):
-        g = self.source.geometry
-        x = np.empty((len(patches), g.patch, g.patch, preprocess.N_CHANNELS), np.float32)
-        y = np.empty((len(patches), g.patch, g.patch, 1), np.uint8)
-        parts = [p for p in np.array_split(np.arange(len(patches)), self.source.read_threads) if len(p)]
-        list(self.pool.map(lambda p: self.source.cache.read_rows(patches[p], x[p[0]:p[-1] + 1],
-                                                                 y[p[0]:p[-1] + 1]), parts))
+        x, y = read_batch(self.source.cache.row_files(), patches, self.pool, self.source.read_threads)
         return x, y.astype(np.float32)
 
     def end_epoch(self) -> None:

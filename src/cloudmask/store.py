@@ -12,7 +12,7 @@ Layout of a store directory (one directory: stage it to node-local disk with a s
     test_y.npy     (M, H, W)    uint8     their labels
 
 ``.npy`` arrays are contiguous per patch (1.2 MB at the default size), so a patch is one read. Readers use
-``os.pread`` from a thread pool (it releases the GIL, unlike copying out of a memory map), so reads run in
+``os.preadv`` from a thread pool (rows.py: it releases the GIL, unlike copying out of a memory map), so reads run in
 parallel and memory stays at a few batches whatever the dataset size. ``store.json`` is written last and the
 directory is built under a temporary name, so a half-written store is never used.
 
@@ -37,6 +37,7 @@ from .batches import BatchOrder, BatchStream, PatchReader
 from .errors import DataError
 from .evaluate import TestImages
 from .preprocess import N_CHANNELS, Geometry
+from .rows import RowFile, read_batch
 
 log = logging.getLogger(__name__)
 
@@ -133,56 +134,13 @@ def _metadata(cfg, g: Geometry, raw_root, layout, splits: dict[str, list[Path]],
 # ------------------------------------------------------------------------------------------------- open
 
 
-class ArrayFile:
-    """A ``.npy`` array read by rows with ``os.pread`` (thread-safe, GIL released during the read)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        try:
-            self._open_header(path)
-        except (OSError, ValueError) as e:
-            raise DataError(f"{path}: not a readable array ({e})", "copy or prepare the store again") from None
-        self.fd = os.open(path, os.O_RDONLY)
-
-    def _open_header(self, path: Path) -> None:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0)
-            shape, fortran, dtype = read_header(f)
-            self.offset = f.tell()
-        if fortran:
-            raise DataError(f"{path}: Fortran-ordered array", "prepare the store again")
-        self.shape, self.dtype = shape, np.dtype(dtype)
-        self.row_bytes = int(np.prod(shape[1:])) * self.dtype.itemsize
-        expected = self.offset + self.row_bytes * shape[0]
-        if path.stat().st_size < expected:
-            raise DataError(f"{path}: truncated ({path.stat().st_size} of {expected} bytes)",
-                            "copy or prepare the store again")
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def read(self, rows, out: np.ndarray | None = None) -> np.ndarray:
-        rows = np.asarray(rows)
-        out = np.empty((len(rows), *self.shape[1:]), self.dtype) if out is None else out
-        view = out.reshape(len(rows), -1).view(np.uint8)
-        for k, r in enumerate(rows):
-            buf = os.pread(self.fd, self.row_bytes, self.offset + int(r) * self.row_bytes)
-            view[k] = np.frombuffer(buf, np.uint8)
-        return out
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
 @dataclass
 class Store:
     path: Path
     meta: dict
 
-    def array(self, name: str) -> ArrayFile:
-        return ArrayFile(self.path / f"{name}.npy")
+    def array(self, name: str) -> RowFile:
+        return RowFile.open(self.path / f"{name}.npy", fix="copy or prepare the store again")
 
     def files(self, split: str) -> list[str]:
         return list(self.meta["files"][split])
@@ -210,11 +168,12 @@ def open_store(path: str | os.PathLike, cfg) -> Store:
         if meta.get(key) != value:
             raise DataError(f"{path}: prepared with {key} {meta.get(key)}, the config asks for {value}",
                             "prepare a store with this config, or train from the raw files")
+    store = Store(path, meta)
     for name in ARRAYS:
         if not (path / f"{name}.npy").is_file():
             raise DataError(f"{path / (name + '.npy')}: missing", "copy or prepare the store again")
-        ArrayFile(path / f"{name}.npy").close()  # header and size: a truncated copy fails here, before any run
-    return Store(path, meta)
+        store.array(name).close()  # header and size: a truncated copy fails here, before any run
+    return store
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -267,12 +226,7 @@ class _StoreReader(PatchReader):
             return keras.ops.take(x, rows, axis=0), keras.ops.cast(keras.ops.take(y, rows, axis=0), "float32")
         if src.resident == "host":
             return src._host[0][rows], src._host[1][rows].astype(np.float32)
-        # one batch split over the threads: each reads a slice of rows with its own preads
-        parts = [p for p in np.array_split(np.arange(len(rows)), max(1, min(src.read_threads, len(rows)))) if len(p)]
-        x = np.empty((len(rows), *src.x.shape[1:]), np.float16)
-        y = np.empty((len(rows), *src.y.shape[1:]), np.uint8)
-        list(self.pool.map(lambda p: (src.x.read(rows[p], x[p[0]:p[-1] + 1]),
-                                      src.y.read(rows[p], y[p[0]:p[-1] + 1])), parts))
+        x, y = read_batch([src.x, src.y], rows, self.pool, src.read_threads)  # the threads read parts at once
         return x, y.astype(np.float32)
 
     def close(self) -> None:
