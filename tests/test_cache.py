@@ -292,3 +292,17 @@ def test_cache_off_writes_nothing_and_a_bad_cache_dir_is_one_clear_error(dataset
                    *_sets(f"data.cache={blocker}/cache"))
     assert_clean_error(done, str(blocker))
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_row_read_benchmark_script_measures_every_method(tmp_path):
+    """scripts/bench_row_reads.py (docs/performance.md): one table row per thread count and method."""
+    array = tmp_path / "x.npy"
+    np.save(array, np.arange(40 * 64 * 9, dtype=np.float32).reshape(40, 8, 8, 9))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_row_reads.py"
+    done = subprocess.run([sys.executable, str(script), str(array), "--threads", "1", "2", "--batch", "8",
+                           "--reps", "1"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines()[2:]]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [
+        (t, m) for t in ("1", "2") for m in ("preadv", "mmap", "mmap-drop", "ram")]
+    assert all(float(r[2].replace(",", "")) > 0 for r in rows)
