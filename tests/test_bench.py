@@ -2,11 +2,14 @@
 
 import json
 
+import pytest
+
 from cloudmask import synth
 from cloudmask.config import load_config
 from conftest import run_cli
 
 
+@pytest.mark.slow  # the reference model for 5 epochs: ~6-9 minutes on 2 cores; .ci/run runs it after the suite
 def test_bench_end_to_end_beats_the_majority_baseline(tmp_path):
     out = tmp_path / "R"
     done = run_cli("bench", "--out", str(out), env={"XDG_CACHE_HOME": str(tmp_path / "cache")}, timeout=1500)

@@ -233,6 +233,7 @@ RSS = textwrap.dedent("""
     it = iter(stream)
     for _ in range(stream.steps * 3):
         next(it)
+    entry.wait()  # the entry is published in the background (fsync, rename): seconds on a busy disk
     hwm = [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")]
     print("RESULT", entry.state, entry.layout.nbytes, int(hwm[0]) * 1024)  # VmHWM: not inherited, unlike ru_maxrss
 """)

@@ -31,6 +31,29 @@ def test_store_layout_and_metadata(prepared, dataset):
     np.testing.assert_array_equal(y[40:60], raw_y)
 
 
+def test_replicate_makes_a_full_size_store_of_copies(prepared, tmp_path):
+    big = tmp_path / "big"
+    done = run_cli("data", "replicate", str(prepared), str(big), "--train-files", "10", "--val-files", "3",
+                   "--test-files", "5")
+    assert done.returncode == 0, done.stderr
+    assert "200 training + 60 validation patches, 5 test images" in done.stdout
+    src, meta = json.loads((prepared / "store.json").read_text()), json.loads((big / "store.json").read_text())
+    assert meta["counts"] == {"train_x": 200, "val_x": 60, "test_x": 5}
+    assert meta["replicated_from"]["files"] == {"train": 4, "val": 1, "test": 2}
+    for split, n in (("train", 10), ("val", 3), ("test", 5)):
+        names = meta["files"][split]
+        assert len(names) == n and len({name.rsplit("/", 1)[-1].split(".")[0] for name in names}) == n  # mask names
+    x, small = np.load(big / "train_x.npy", mmap_mode="r"), np.load(prepared / "train_x.npy", mmap_mode="r")
+    np.testing.assert_array_equal(x[180:200], small[20:40])  # file 9 is a copy of file 9 % 4 = 1
+    np.testing.assert_array_equal(np.load(big / "test_y.npy")[3], np.load(prepared / "test_y.npy")[1])
+    assert meta["geometry"] == src["geometry"] and meta["normalisation"] == src["normalisation"]
+    cfg = load_config(overrides=TINY)
+    images = store.test_images(store.open_store(big, cfg))
+    assert len(images.files) == 5
+    assert_clean_error(run_cli("data", "replicate", str(prepared), str(big)), "already exists")
+    assert_clean_error(run_cli("data", "replicate", str(tmp_path / "none"), str(tmp_path / "x")), "not a patch store")
+
+
 def test_window_order_reproduces_the_streaming_pipeline(prepared, dataset):
     cfg = load_config(overrides=[f"data.root={dataset}", "train.batch_size=8", "train.shuffle_buffer_files=3"])
     files = data.split_files(data.find_files(dataset / "training"), 0.8, 42)[0]

@@ -115,6 +115,18 @@ def data_prepare(args) -> int:
     return 0
 
 
+def data_replicate(args) -> int:
+    from . import store
+
+    start = time.perf_counter()
+    meta = store.replicate(args.source, args.store, {"train": args.train_files, "val": args.val_files,
+                                                     "test": args.test_files}, progress=_progress("replicated"))
+    counts = meta["counts"]
+    print(f"store {args.store}: {counts['train_x']} training + {counts['val_x']} validation patches, "
+          f"{counts['test_x']} test images (copies of {args.source}) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def data_download(args) -> int:
     from . import download
 

@@ -131,6 +131,54 @@ def _metadata(cfg, g: Geometry, raw_root, layout, splits: dict[str, list[Path]],
             "prepare_s": round(seconds, 3)}
 
 
+def replicate(src: str | os.PathLike, dst: str | os.PathLike, n_files: dict[str, int], progress=None) -> dict:
+    """A store of ``n_files[split]`` files per split made of repeated copies of ``src``'s files: the full dataset's
+    size (memory, epoch time, energy) without its 180 GB. The patches repeat, so its accuracies mean little.
+    Copies are named ``<stem>-copyNNNN<suffix>`` so masks and logs stay one per file."""
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    meta = _load_meta(src)
+    if dst.exists():
+        raise DataError(f"{dst}: already exists", "choose a new store directory (stores are never overwritten)")
+    for split in n_files:
+        if not meta["files"][split]:
+            raise DataError(f"{src}: no {split} files to replicate", "prepare the source store from more files")
+    per = {"train": _geometry(meta).patches_per_train_image, "val": _geometry(meta).patches_per_train_image,
+           "test": 1}
+    sources = {name: np.load(src / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
+    done, total = 0, sum(n_files.values())
+    with fileio.atomic_dir(dst) as tmp:
+        for split, n in n_files.items():
+            k, r = len(meta["files"][split]), per[split]
+            for part in ("x", "y"):
+                a = sources[f"{split}_{part}"]
+                out = np.lib.format.open_memmap(tmp / f"{split}_{part}.npy", "w+", a.dtype, (n * r, *a.shape[1:]))
+                for i in range(n):
+                    j = i % k
+                    out[i * r:(i + 1) * r] = a[j * r:(j + 1) * r]
+                out.flush()
+                del out
+            done += n
+            if progress:
+                progress(done, total)
+        meta = {**meta, "files": {s: _copies(meta["files"][s], n_files.get(s)) for s in meta["files"]},
+                "counts": {f"{s}_x": len(_copies(meta["files"][s], n_files.get(s))) * per[s] for s in meta["files"]},
+                "replicated_from": {"store": str(src.resolve()),
+                                    "files": {s: len(v) for s, v in meta["files"].items()}}}
+        fileio.write_json(tmp / META, meta)
+    return meta
+
+
+def _copies(names: list[str], n: int | None) -> list[str]:
+    """``n`` unique names cycling over ``names`` (``names`` itself when n is None)."""
+    if n is None:
+        return list(names)
+    out = []
+    for i in range(n):
+        path = Path(names[i % len(names)])
+        out.append(path.with_name(f"{path.stem}-copy{i // len(names):04d}{path.suffix}").as_posix())
+    return out
+
+
 # ------------------------------------------------------------------------------------------------- open
 
 
@@ -146,9 +194,7 @@ class Store:
         return list(self.meta["files"][split])
 
 
-def open_store(path: str | os.PathLike, cfg) -> Store:
-    """Open a store and check it matches the run's config (geometry, normalisation, split)."""
-    path = Path(path).expanduser()
+def _load_meta(path: Path) -> dict:
     meta_file = path / META
     if not meta_file.is_file():
         hint = "it is incomplete: prepare it again" if path.is_dir() else "check the path"
@@ -160,6 +206,13 @@ def open_store(path: str | os.PathLike, cfg) -> Store:
     if meta.get("format") != FORMAT:
         raise DataError(f"{path}: store format {meta.get('format')}, this version reads {FORMAT}",
                         "prepare the store again with this version")
+    return meta
+
+
+def open_store(path: str | os.PathLike, cfg) -> Store:
+    """Open a store and check it matches the run's config (geometry, normalisation, split)."""
+    path = Path(path).expanduser()
+    meta = _load_meta(path)
     g = Geometry.from_config(cfg)
     wanted = {"normalisation": cfg.data.normalisation,
               "geometry": _geometry_dict(g),
