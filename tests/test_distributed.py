@@ -98,6 +98,7 @@ def test_two_workers_follow_one_worker_and_keras_fit(prepared, tmp_path):
     assert "worker 1 of 2" in (tmp_path / "two" / "logs" / "worker-1.log").read_text()
 
 
+@pytest.mark.slow  # two workers, a signal and a resume: about a minute on 2 cores
 def test_a_signal_to_one_worker_stops_both_at_the_same_step_and_the_run_resumes(prepared, tmp_path):
     run = tmp_path / "run"
     sets = [*SETS, "train.epochs=4", "infer.enabled=false"]

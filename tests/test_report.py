@@ -34,7 +34,7 @@ def test_confidence_intervals_use_exact_t_quantiles_at_any_n():
     assert (s["ci95_low"], s["ci95_high"]) == (pytest.approx(s["mean"] - half), pytest.approx(s["mean"] + half))
 
 
-def _fake_run(path, seed, acc, epoch_s, status="success", energy=None):
+def _fake_run(path, seed, acc, epoch_s, status="success", energy=None, target=None):
     path.mkdir(parents=True)
     (path / "config.yaml").write_text(load_config(overrides=[f"seed={seed}"]).to_yaml())
     results = {"status": status, "error": None if status == "success" else "DataError: x.hdf unreadable",
@@ -43,7 +43,7 @@ def _fake_run(path, seed, acc, epoch_s, status="success", energy=None):
                "history": {"loss": [0.5, 0.4], "accuracy": [0.8, 0.9], "val_loss": [0.6, 0.5],
                            "val_accuracy": [0.7, 0.8]},
                "timing": {"time_per_epoch_s": epoch_s, "time_per_inference_s": 0.1, "epoch_s": [epoch_s] * 2},
-               "energy": {"gpu": energy or {"method": "none"}}}
+               "energy": {"gpu": energy or {"method": "none"}}, "target": target}
     (path / "results.json").write_text(json.dumps(results))
     (path / "manifest.json").write_text(json.dumps({"host": {"hostname": "node7"}}))
 
@@ -150,7 +150,7 @@ def test_report_over_real_bench_runs_and_a_broken_one(dataset, tmp_path):
     assert "tiny/seed3" in md.split("## Failed")[1] and "truncated" in md
     assert md == done.stdout
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["curves-tiny.png", "time_per_epoch.png"]
+    assert pngs == ["accuracy_vs_time_energy-tiny.png", "curves-tiny.png", "time_per_epoch.png"]
     assert all(_is_png(out / p) for p in pngs)
     for p in pngs:
         assert f"]({p})" in md and p.split(".")[0] in (out / "report.html").read_text()
@@ -167,3 +167,32 @@ def test_energy_and_power_plots(tmp_path):
     assert run_cli("report", str(tmp_path / "r")).returncode == 0
     out = tmp_path / "r" / "report"
     assert _is_png(out / "energy_per_epoch.png") and _is_png(out / "power_trace.png")
+
+
+def test_time_and_energy_to_target_per_run_and_per_group(tmp_path):
+    pytest.importorskip("matplotlib")
+    exp = tmp_path / "r" / "target"
+    times = {1: 30.0, 2: 20.0, 3: 40.0, 4: 25.0}
+    for seed, t in times.items():
+        _fake_run(exp / f"1_{seed}", seed, 0.9, t / 2, energy={"method": "counter", "total_j": 100 * t,
+                                                                "per_epoch_j": [50 * t, 50 * t]},
+                  target={"metric": "val_accuracy", "value": 0.75, "reached": True, "epochs_to_target": 2,
+                          "time_to_target_s": t, "energy_to_target_j": 100 * t,
+                          "energy_to_target_above_idle_j": 60 * t})
+    _fake_run(exp / "1_5", 5, 0.8, 10.0, target={"metric": "val_accuracy", "value": 0.75, "reached": False,
+                                                 "epochs_to_target": None, "time_to_target_s": None,
+                                                 "energy_to_target_j": None, "energy_to_target_above_idle_j": None})
+    assert run_cli("report", str(tmp_path / "r")).returncode == 0
+    out = tmp_path / "r" / "report"
+    rows = {r["run"]: r for r in csv.DictReader(open(out / "runs.csv"))}
+    assert rows["target/1_2"]["target"] == "val_accuracy 0.75" and rows["target/1_2"]["time_to_target_s"] == "20"
+    assert rows["target/1_5"]["time_to_target_s"] == "" and rows["target/1_5"]["status"] == "success"
+    summary = {r["metric"]: r for r in csv.DictReader(open(out / "summary.csv"))}
+    tt = summary["time_to_target_s"]
+    assert tt["n"] == "4"  # the runs that reached the target
+    assert float(tt["olympic_mean"]) == pytest.approx((25 + 30) / 2)  # MLPerf: best and worst dropped
+    assert float(tt["mean"]) == pytest.approx(28.75)
+    assert float(summary["energy_to_target_j"]["olympic_mean"]) == pytest.approx(2750)
+    assert float(summary["energy_to_target_above_idle_j"]["mean"]) == pytest.approx(60 * 28.75)
+    assert _is_png(out / "accuracy_vs_time_energy-target.png")
+    assert "time to target (s)" in (out / "report.md").read_text()

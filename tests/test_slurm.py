@@ -21,6 +21,8 @@ import pytest
 
 from conftest import TINY, run_cli
 
+# A real cluster and real jobs: minutes. Left out of the default run; `./scripts/test.sh -m slow` (and CI) runs them.
+pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SH, AGGREGATE_SH = REPO / "slurm" / "train.sh", REPO / "slurm" / "aggregate.sh"
 # the tasks share 2 CPUs; --gres=none/--mem override the GPU-node defaults in train.sh's #SBATCH lines
@@ -284,3 +286,26 @@ def test_train_multinode_without_a_store_refuses_to_start(cluster, tmp_path):
     wait_until_done(env, job)
     assert job_records(env, job)[0]["JobState"] == "FAILED"
     assert "DATA_STORE is not set" in (tmp_path / "logs" / f"{job}.out").read_text()
+
+
+def test_the_reframe_check_passes_on_the_slurm_cluster(cluster, dataset, tmp_path):
+    """scripts/reframe/cloudmask_check.py submitted by the real ReFrame through sbatch (its squeue backend: the
+    test cluster keeps no accounting for sacct), with a site config naming the cluster's partition."""
+    from test_reframe import perflog_values, run_reframe
+
+    partition = {"name": "debug", "scheduler": "squeue", "launcher": "local", "environs": ["builtin"],
+                 "access": ["--partition=debug", *SMALL_NODE]}
+    config = {"systems": [{"name": "localslurm", "descr": "the test cluster", "hostnames": [".*"],
+                           "partitions": [partition]}],
+              "environments": [{"name": "builtin"}]}
+    settings = tmp_path / "settings.py"
+    settings.write_text(f"site_configuration = {config!r}\n")
+    prefix = tmp_path / "rfm"
+    done = run_reframe(prefix, dataset, "-C", str(settings), env=cluster)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "PASSED" in done.stdout and "@localslurm:debug" in done.stdout
+    assert "Job type: batch job" not in done.stdout  # no failure report
+    job_script = next(prefix.rglob("rfm_job.sh")).read_text()
+    assert "#SBATCH --partition=debug" in job_script and "check-log run" in job_script
+    line = perflog_values(prefix)
+    assert line[0] == "pass" and "patches/s" in line

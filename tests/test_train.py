@@ -270,6 +270,7 @@ def test_a_corrupt_checkpoint_on_resume(dataset, tmp_path):
     assert (out / "history.csv").read_text() == history
 
 
+@pytest.mark.slow  # about a minute on 2 cores
 def test_a_bad_file_met_mid_run(dataset_copy, tmp_path):
     # headers fine, values all NaN: found only when the file is read during the epoch
     victim = data.find_files(dataset_copy / "training")[0]

@@ -4,6 +4,7 @@
 * ``PhaseTelemetry``: a timer phase and an energy window per epoch and per validation;
 * ``ResumableEarlyStopping``: Keras EarlyStopping whose counters survive ``--resume``;
 * ``Checkpointer``: latest/best checkpoints and ``state.json`` after every epoch;
+* ``TargetStopper``: stop at the epoch that reaches the quality target (train.target);
 * ``Interrupter``: SIGTERM/SIGUSR1 end training at the next batch;
 * ``StepTimer``: the throughput mode's clock.
 """
@@ -36,6 +37,13 @@ class EpochRecorder(keras.callbacks.Callback):
         self.run, self.mlog, self.samples, self.history, self.epochs = run, mlog, samples_per_epoch, history, epochs
         self._t0 = self._tval = 0.0
         self.extra_columns = []  # callables (epoch) -> dict merged into the row (telemetry adds energy here)
+        # run_s: seconds of the run so far at the end of each epoch's evaluation (MLPerf's clock, run_start -> eval;
+        # a resumed attempt continues from its last committed epoch, so time lost to an interruption is not counted)
+        self._run_base = (history[-1].get("run_s") or 0.0) if history else 0.0
+        self._run_t0 = time.perf_counter()
+
+    def on_train_begin(self, logs=None):
+        self._run_t0 = time.perf_counter()
 
     def on_epoch_begin(self, epoch, logs=None):
         self.mlog.start(C.EPOCH_START, epoch_num=epoch + 1)
@@ -58,13 +66,15 @@ class EpochRecorder(keras.callbacks.Callback):
         row = {"epoch": epoch + 1, "loss": logs.get("loss"), "accuracy": logs.get("accuracy"),
                "val_loss": logs.get("val_loss"), "val_accuracy": logs.get("val_accuracy"),
                "epoch_s": now - self._t0, "train_s": train_s, "val_s": now - self._tval,
-               "samples_per_s": self.samples / train_s if train_s > 0 else None}
+               "samples_per_s": self.samples / train_s if train_s > 0 else None,
+               "run_s": self._run_base + now - self._run_t0}
         for extra in self.extra_columns:
             row.update(extra(epoch))
         self.history.append(row)
         self.run.write_history(self.history)
         self.mlog.end(C.EPOCH_STOP, epoch_num=epoch + 1)
         self.mlog.event(C.EVAL_ACCURACY, logs.get("val_accuracy"), epoch_num=epoch + 1)
+        self.mlog.event("cloudmask_eval_loss", logs.get("val_loss"), epoch_num=epoch + 1)
         log.info("epoch %d/%d  loss %.4f  accuracy %.4f  val_loss %.4f  val_accuracy %.4f  %.1f s  %.1f patches/s",
                  epoch + 1, self.epochs, row["loss"], row["accuracy"], row["val_loss"], row["val_accuracy"],
                  row["epoch_s"], row["samples_per_s"] or 0.0)
@@ -99,7 +109,8 @@ class PhaseTelemetry(keras.callbacks.Callback):
 
     def columns(self, epoch) -> dict:
         name = f"epoch {epoch + 1}"
-        return {"energy_j": self.meter.epoch_joules(name, "gpu"), "cpu_energy_j": self.meter.epoch_joules(name, "cpu")}
+        return {"energy_j": self.meter.epoch_joules(name, "gpu"), "cpu_energy_j": self.meter.epoch_joules(name, "cpu"),
+                "energy_above_idle_j": self.meter.joules_above_idle(name, "gpu")}
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
@@ -121,6 +132,28 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
 
     def state(self) -> dict:
         return {"wait": self.wait, "best": self.best, "best_epoch": self.best_epoch}
+
+
+class TargetStopper(keras.callbacks.Callback):
+    """train.target: training stops at the end of the first epoch whose metric reaches the target; the epoch goes
+    into the run's state (committed with that epoch's checkpoint, so a resume does not train on)."""
+
+    def __init__(self, metric: str, value: float, state: dict):
+        super().__init__()
+        self.metric, self.value, self.state = metric, value, state
+
+    def reached(self, logs) -> bool:
+        measured = logs.get(self.metric)
+        if measured is None:
+            return False
+        return measured >= self.value if self.metric == "val_accuracy" else measured <= self.value
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.state.get("target_epoch") is None and self.reached(logs or {}):
+            self.state["target_epoch"] = epoch + 1
+            self.model.stop_training = True
+            log.info("quality target reached at epoch %d: %s %.4f (target %s %g)", epoch + 1, self.metric,
+                     logs[self.metric], ">=" if self.metric == "val_accuracy" else "<=", self.value)
 
 
 class Checkpointer(keras.callbacks.Callback):
@@ -149,7 +182,7 @@ class Checkpointer(keras.callbacks.Callback):
         self.state.update(latest=latest, epochs_done=done)
         if self.early_stopping is not None:
             self.state["early_stopping"] = self.early_stopping.state()
-            self.state["stopped_early"] = bool(self.model.stop_training)
+            self.state["stopped_early"] = bool(self.model.stop_training) and self.state.get("target_epoch") != done
         self.run.write_state(self.state)
         for name in stale:
             (self.run / name).unlink(missing_ok=True)

@@ -162,6 +162,18 @@ def _add_tool_commands(sub) -> None:
     p.add_argument("--full", action="store_true", help="verify every dataset file (slow on the real 180 GB)")
     p.set_defaults(func=commands.doctor)
 
+    p = sub.add_parser("package", help="seeded repeats as one checked MLPerf-HPC-style results package",
+                       description="Check the runs (each successful and at its quality target, its MLPerf log "
+                                   "passing the ruleset, distinct seeds, one config, one system, at least "
+                                   "mlperf.runs of them) and write OUT/systems/<system>.json and "
+                                   "OUT/results/<system>/cloudmask/ (result_<i>.txt, config.yaml, summary.json "
+                                   "with the olympic-mean score). Nothing is written when a check fails.")
+    p.add_argument("runs", nargs="+", metavar="RUN_OR_EXPERIMENT")
+    p.add_argument("--org", required=True, help="submitting organisation")
+    p.add_argument("--system", required=True, help="system name (the systems/<name>.json file)")
+    p.add_argument("--out", required=True, metavar="DIR", help="new package directory")
+    p.set_defaults(func=commands.package)
+
     p = sub.add_parser("report", help="tables and statistics over run, experiment or results directories",
                        description="Collect every run below DIR..., list failed and missing ones, and write "
                                    "runs.csv, summary.csv, report.json and report.md into --out.")

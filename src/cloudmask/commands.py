@@ -195,6 +195,16 @@ def check_log(args) -> int:
     return 0 if ok else 1
 
 
+def package(args) -> int:
+    from .package import build
+
+    summary = build(args.runs, args.org, args.system, args.out)
+    score = summary["score"]
+    print(f"package {args.out}: {summary['runs']} runs of {args.system} ({summary['division']} division); score "
+          f"{summary['score_metric']} olympic mean {'-' if score is None else f'{score:.2f} s'}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------- slurm and grids
 
 

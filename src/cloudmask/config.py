@@ -144,6 +144,8 @@ RULES: dict[str, Rule] = {
     "train.early_stopping.patience": _int(0),
     "train.early_stopping.min_delta": _float(0.0),
     "train.early_stopping.restore_best_weights": _bool(),
+    "train.target.metric": _choice("val_accuracy", "val_loss"),
+    "train.target.value": Rule("number or null", lambda v: None if v is None else _float(0.0).check(v)),
     "train.verbose": _verbose(),
     "infer.enabled": _bool(),
     "infer.threshold": _float(0.0, 1.0, open_lo=True, open_hi=True),
@@ -165,6 +167,7 @@ RULES: dict[str, Rule] = {
     "mlperf.division": _choice("auto", "closed", "open"),
     "mlperf.status": _choice("cloud", "onprem", "preview", "research"),
     "mlperf.platform": _text(),
+    "mlperf.runs": _int(1, 1000),
     "output.root": _text(),
     "bench.train_files": _int(2, 10_000),
     "bench.test_files": _int(1, 10_000),
@@ -422,6 +425,10 @@ class Config:
             if self.train.jit_compile is True:
                 raise ConfigError(f"{where}train.jit_compile=true does not work with distribute.strategy="
                                   "multi_worker (its training step is not XLA-compiled)", "use train.jit_compile=auto")
+        target = self.train.target
+        if target.metric == "val_accuracy" and target.value is not None and not 0 < target.value <= 1:
+            raise ConfigError(f"{where}train.target.value={target.value} is not an accuracy",
+                              "an accuracy target lies in (0, 1], e.g. 0.88")
         if self.train.shuffle == "global" and not self.data.store:
             raise ConfigError(f"{where}train.shuffle=global needs a patch store (data.store)",
                               "prepare one with `cloudmask data prepare RAW STORE`, or use train.shuffle=window")

@@ -191,6 +191,14 @@ class EnergyMeter:
             return None
         return sum(w.joules[kind])
 
+    def joules_above_idle(self, name: str, kind: str = "gpu") -> float | None:
+        """Window ``name``'s energy minus the idle power over the window's own seconds (None without a baseline)."""
+        w = next((w for w in reversed(self.windows) if w.name == name), None)
+        idle = self.idle_w.get(kind)
+        if w is None or kind not in w.joules or not idle:
+            return None
+        return sum(w.joules[kind]) - sum(idle) * w.seconds
+
 
 def _sum(values: list) -> float | None:
     return None if not values or any(v is None for v in values) else float(sum(values))

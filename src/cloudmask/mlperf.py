@@ -27,6 +27,7 @@ RULESET = "cloudmask_1.0.0.yaml"
 # HPC keys that mllog.constants does not define
 NUMBER_OF_NODES = "number_of_nodes"
 ACCELERATORS_PER_NODE = "accelerators_per_node"
+TARGET = "cloudmask_target"  # train.target: value, metadata.metric
 
 
 class MLPerfLog:
@@ -99,6 +100,13 @@ def log_hyperparameters(log: MLPerfLog, cfg, train_samples: int, eval_samples: i
     log.event(C.EVAL_SAMPLES, eval_samples)
     log.event(NUMBER_OF_NODES, nodes)
     log.event(ACCELERATORS_PER_NODE, accelerators_per_node)
+    if cfg.train.target.value is not None:  # the ruleset checks the eval that ends a successful run against it
+        log.event(TARGET, cfg.train.target.value, metric=cfg.train.target.metric)
+
+
+def run_status(cfg, state: dict) -> str:
+    """MLPerf run_stop status: ``aborted`` when a quality target was set and never reached, else ``success``."""
+    return "aborted" if cfg.train.target.value is not None and not state.get("target_epoch") else "success"
 
 
 def ruleset_path() -> Path:

@@ -26,10 +26,13 @@ from .tables import format_cell
 
 RUN_COLUMNS = ["experiment", "run", "status", "seed", "epochs_run", "train_accuracy", "test_accuracy",
                "time_per_epoch_s", "time_per_inference_s", "gpu", "gpus", "machine", "gpu_energy_j",
-               "gpu_energy_per_epoch_j", "gpu_energy_above_idle_j", "energy_method", "division", "reason"]
+               "gpu_energy_per_epoch_j", "gpu_energy_above_idle_j", "energy_method", "target", "epochs_to_target",
+               "time_to_target_s", "energy_to_target_j", "energy_to_target_above_idle_j", "division", "reason"]
 METRICS = {"test_accuracy": "test accuracy", "time_per_epoch_s": "time per epoch (s)",
            "time_per_inference_s": "time per inference (s)", "gpu_energy_j": "GPU energy (J)",
-           "gpu_energy_per_epoch_j": "GPU energy per epoch (J)"}
+           "gpu_energy_per_epoch_j": "GPU energy per epoch (J)",  # the *_target ones: n = runs that reached it
+           "time_to_target_s": "time to target (s)", "energy_to_target_j": "GPU energy to target (J)",
+           "energy_to_target_above_idle_j": "GPU energy to target above idle (J)"}
 SUMMARY_COLUMNS = ["experiment", "machine", "gpu", "metric", "n", "mean", "std", "ci95_low", "ci95_high", "min",
                    "max", "olympic_mean"]
 
@@ -156,10 +159,16 @@ def _read_run(run: Path, name: str) -> tuple[dict, dict]:
         gpu_energy_above_idle_j=gpu_energy.get("above_idle_j"),
         energy_method=gpu_energy.get("method") or "none", division=results.get("division"),
     )
+    target = results.get("target") or {}
+    if target:
+        row.update(target=f"{target.get('metric')} {target.get('value')}",
+                   **{k: target.get(k) for k in ("epochs_to_target", "time_to_target_s", "energy_to_target_j",
+                                                 "energy_to_target_above_idle_j")})
     history = {k: list(v) for k, v in (results.get("history") or {}).items()}
     history["experiment"], history["seed"], history["status"] = experiment, row["seed"], row["status"]
     history["epoch_s"] = list(timing.get("epoch_s") or [])
     history["energy_j"] = list(gpu_energy.get("per_epoch_j") or [])
+    history["target"] = target.get("value") if target.get("metric") == "val_accuracy" else None
     if row["status"] == "success" and test == {} and results.get("test") is None:
         row["reason"] = "no inference (infer.enabled false)"
     return row, history
@@ -247,7 +256,7 @@ def _context(report: Report, plots: list[Path], note: str | None, inline: bool) 
     runs = [[r["experiment"], r["run"], r["status"], r["seed"], r["epochs_run"], _f(r["train_accuracy"]),
              _f(r["test_accuracy"]), _f(r["time_per_epoch_s"], 2), _f(r["time_per_inference_s"], 3), r["gpu"],
              r["machine"], _f(r["gpu_energy_j"], 1), _f(r["gpu_energy_per_epoch_j"], 1),
-             _f(r["gpu_energy_above_idle_j"], 1)] for r in report.runs]
+             _f(r["gpu_energy_above_idle_j"], 1), _f(r["time_to_target_s"], 1)] for r in report.runs]
     return {
         "title": "CloudMask benchmark report",
         "counts": f"{len(report.runs)} runs: {ok} successful, {len(report.runs) - ok} failed, interrupted, "
@@ -257,7 +266,8 @@ def _context(report: Report, plots: list[Path], note: str | None, inline: bool) 
         "summary": {"headers": ["experiment", "machine", "GPU", "metric", "n", "mean", "std", "95 % CI", "min",
                                 "max", "olympic"], "rows": summary},
         "runs": {"headers": ["experiment", "run", "status", "seed", "epochs", "train acc", "test acc", "s/epoch",
-                             "s/inference", "GPU", "machine", "GPU J", "J/epoch", "J above idle"], "rows": runs},
+                             "s/inference", "GPU", "machine", "GPU J", "J/epoch", "J above idle", "s to target"],
+                 "rows": runs},
         "problems": {"headers": ["run", "status", "seed", "reason"],
                      "rows": [[r["run"], r["status"], r["seed"], r["reason"]] for r in report.problems]},
         "plots": [{"name": p.name, "stem": p.stem,
@@ -327,6 +337,7 @@ def plot_all(report: Report, out: Path) -> tuple[list[Path], str | None]:
     for exp in experiments:
         runs = {k: h for k, h in report.histories.items() if h.get("loss") and h["experiment"] == exp}
         plots.append(_plot_curves(plt, exp, runs, out / f"curves-{_slug(exp)}.png"))
+        plots.append(_plot_quality(plt, exp, runs, out / f"accuracy_vs_time_energy-{_slug(exp)}.png"))
     groups = [s for s in report.summary if s["metric"] == "time_per_epoch_s"]
     if groups:
         plots.append(_plot_bars(plt, groups, "time per epoch (s)", "Time per epoch (mean ± std over repeats)",
@@ -372,6 +383,30 @@ def _plot_curves(plt, experiment: str, runs: dict[str, dict], path: Path) -> Pat
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"{experiment}: training and validation per epoch, {len(runs)} runs")
+    return _save(plt, fig, path)
+
+
+def _plot_quality(plt, experiment: str, runs: dict[str, dict], path: Path) -> Path:
+    """Validation accuracy against training time and against GPU energy, every run: the curve that compares two
+    machines on time (and energy) to a quality target."""
+    energy = any(h.get("energy_j") and None not in h["energy_j"] for h in runs.values())
+    fig, axes = plt.subplots(1, 2 if energy else 1, figsize=(10 if energy else 5.5, 4), squeeze=False)
+    panels = [("epoch_s", "training time (s)", 1.0)] + ([("energy_j", "GPU energy (kJ)", 1e-3)] if energy else [])
+    for ax, (key, label, scale) in zip(axes.flat, panels):
+        for n, h in enumerate(runs.values()):
+            steps = h.get(key) or []
+            if not steps or None in steps:
+                continue
+            x = [scale * sum(steps[: i + 1]) for i in range(len(steps))]
+            ax.plot(x, (h.get("val_accuracy") or [])[: len(x)], marker="o", markersize=3, color=f"C{n % 10}",
+                    label=f"seed {h['seed']}")  # one colour per run in both panels
+        for value in {h["target"] for h in runs.values() if h.get("target") is not None}:
+            ax.axhline(value, color="gray", linestyle="--", linewidth=0.8, label=f"target {value:g}")
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation accuracy")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"{experiment}: validation accuracy against time" + (" and energy" if energy else ""))
     return _save(plt, fig, path)
 
 

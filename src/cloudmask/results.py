@@ -17,7 +17,7 @@ STATUSES = ("success", "failed", "interrupted")
 _NUMBER = (int, float)
 # the fields readers (report, grid status) use, with the JSON types docs/results.md gives them; null is allowed
 _TYPES = {"seed": int, "epochs_run": int, "error": str, "devices": list, "train": dict, "test": dict,
-          "timing": dict, "energy": dict, "history": dict, "division": str}
+          "timing": dict, "energy": dict, "history": dict, "division": str, "target": dict}
 _NESTED = {("test", "avg_accuracy"): _NUMBER, ("timing", "time_per_epoch_s"): _NUMBER,
            ("timing", "time_per_inference_s"): _NUMBER, ("train", "accuracy"): _NUMBER}
 
@@ -81,9 +81,29 @@ def training_results(cfg, state: dict, history: list[dict], test: dict | None, i
         "history": {k: [row[k] for row in history] for k in ("loss", "accuracy", "val_loss", "val_accuracy")},
         "test": test,
         "energy": None,  # filled in when the run's telemetry is closed
+        "target": None,  # train.target: filled in by the finished run (target_section)
         "timing": _timing(cfg, history, test, fit_s, wall_s),
         "samples": _samples(inputs, test),
     }
+
+
+def target_section(cfg, state: dict, history: list[dict]) -> dict | None:
+    """results.json ``target`` when train.target is set: whether and when the quality target was reached. Time is
+    MLPerf's (run_start to the end of the eval that reached it, time lost to interruptions left out); energy is
+    the GPU energy of the epochs up to that one, training and validation, and that above the idle baseline."""
+    target = cfg.train.target
+    if target.value is None:
+        return None
+    reached = state.get("target_epoch")
+    rows = history[:reached] if reached else []
+
+    def total(column: str) -> float | None:
+        values = [row.get(column) for row in rows]
+        return float(sum(values)) if rows and None not in values else None
+
+    return {"metric": target.metric, "value": target.value, "reached": bool(reached), "epochs_to_target": reached,
+            "time_to_target_s": rows[-1].get("run_s") if rows else None, "energy_to_target_j": total("energy_j"),
+            "energy_to_target_above_idle_j": total("energy_above_idle_j")}
 
 
 def _timing(cfg, history: list[dict], test: dict | None, fit_s: float, wall_s: float) -> dict:
@@ -190,4 +210,9 @@ def summary_table(results: dict) -> str:
         ["division", f"{results['division']}" + (f" (deviations: {', '.join(results['deviations'])})"
                                                  if results["deviations"] else "")],
     ]
+    target = results.get("target")
+    if target:
+        reached = (f"epoch {target['epochs_to_target']}, {target['time_to_target_s']:.1f} s"
+                   if target["reached"] else "not reached (MLPerf status aborted)")
+        rows.append([f"target {target['metric']} {target['value']:g}", reached])
     return text_table(["cloudmask bench", ""], rows)

@@ -28,7 +28,7 @@ CONSOLE_LOG = "console.log"
 MODEL = "model.keras"
 
 HISTORY_FIELDS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "epoch_s", "train_s", "val_s",
-                  "samples_per_s"]
+                  "samples_per_s", "run_s"]
 
 
 def default_run_path(cfg: Config) -> Path:

@@ -33,8 +33,9 @@ from .config import Config, flatten, load_config
 from .doctor import preflight
 from .energy import combine_energy, merge_energy
 from .errors import CloudmaskError, ConfigError, OutputError, RunDirError, TrainingInterrupted
-from .mlperf import MLPerfLog, division, log_hyperparameters, log_submission, platform_name
-from .results import inference_results, reference_log_lines, reference_result, stopped_results, training_results
+from .mlperf import MLPerfLog, division, log_hyperparameters, log_submission, platform_name, run_status
+from .results import (inference_results, reference_log_lines, reference_result, stopped_results, target_section,
+                      training_results)
 from .rundir import MLPERF_LOG, MODEL, RunDir
 from .signals import StopSignals
 from .telemetry import RunTelemetry
@@ -360,9 +361,10 @@ class RunSession:
         results = training_results(self.cfg, self.state, self.history(), self.test, self.inputs, self.devices,
                                    status="success", fit_s=self.state.get("fit_s", 0.0),
                                    wall_s=time.time() - self._t_start)
+        results["target"] = target_section(self.cfg, self.state, self.history())
         self.run_dir.write_results(results)
         self.mlog.event("result", reference_result(self.cfg, results, self.inputs, self.devices))
-        self.mlog.end(C.RUN_STOP, status="success")
+        self.mlog.end(C.RUN_STOP, status=run_status(self.cfg, self.state))
         self.state["phase"] = "done"
         self.run_dir.write_state(self.state)
         for line in reference_log_lines(self.cfg, results, self.inputs, self.devices):

@@ -17,7 +17,7 @@ from pathlib import Path
 import keras
 
 from . import worker_loop
-from .callbacks import Checkpointer, EpochRecorder, Interrupter, ResumableEarlyStopping, StepTimer
+from .callbacks import Checkpointer, EpochRecorder, Interrupter, ResumableEarlyStopping, StepTimer, TargetStopper
 from .errors import TrainingInterrupted
 from .rundir import RunDir
 from .signals import StopSignals
@@ -102,14 +102,19 @@ def train_run(cfg, run: RunDir, model, td, mlog, state: dict, stop: StopSignals,
     es = _early_stopping(cfg, state, checkpoints or run.path)
     extra_callbacks = list(extra_callbacks or [])
     recorder.extra_columns = [cb.columns for cb in extra_callbacks if hasattr(cb, "columns")]
-    callbacks = [*extra_callbacks, recorder, *([es] if es else []), *([Checkpointer(run, state, es)] if chief else [])]
+    target = cfg.train.target
+    stopper = [TargetStopper(target.metric, target.value, state)] if target.value is not None else []
+    callbacks = [*extra_callbacks, recorder, *([es] if es else []), *stopper,
+                 *([Checkpointer(run, state, es)] if chief else [])]  # the checkpoint commits what came before it
+    # a run that reached its target (or stopped early) before an interruption does not train on when resumed
+    epochs = start if state.get("target_epoch") or state.get("stopped_early") else cfg.train.epochs
     verbose = cfg.train.verbose
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 0
     t0 = time.perf_counter()
     try:
-        loop = fit_loop(model, td.train_stream, td.val_stream, [*callbacks, Interrupter(stop)], cfg.train.epochs,
-                        start, cluster=cluster, global_batch=cfg.train.batch_size, verbose=verbose,
+        loop = fit_loop(model, td.train_stream, td.val_stream, [*callbacks, Interrupter(stop)], epochs, start,
+                        cluster=cluster, global_batch=cfg.train.batch_size, verbose=verbose,
                         stop_requested=lambda: stop.requested)
         if loop is not None and not chief:  # the chief's Checkpointer keeps the count; the others follow
             state["epochs_done"] = loop.epochs_done
