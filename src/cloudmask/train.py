@@ -113,7 +113,10 @@ def train_run(cfg, run: RunDir, model, td, mlog, state: dict, stop: StopSignals,
         verbose = 1 if sys.stdout.isatty() else 0
     t0 = time.perf_counter()
     try:
-        loop = fit_loop(model, td.train_stream, td.val_stream, [*callbacks, Interrupter(stop)], epochs, start,
+        # Keras fit stops at the next batch through a callback; the multi-worker loop must not stop one worker
+        # alone (the others would wait in a collective): it polls the request before every step, all together
+        interrupter = [Interrupter(stop)] if cluster is None else []
+        loop = fit_loop(model, td.train_stream, td.val_stream, [*callbacks, *interrupter], epochs, start,
                         cluster=cluster, global_batch=cfg.train.batch_size, verbose=verbose,
                         stop_requested=lambda: stop.requested)
         if loop is not None and not chief:  # the chief's Checkpointer keeps the count; the others follow
