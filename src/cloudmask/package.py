@@ -22,7 +22,7 @@ from .config import flatten
 from .errors import CloudmaskError
 from .experiments import run_state
 from .mlperf import check_log
-from .report import describe
+from .report import describe, run_dirs
 from .rundir import CONFIG, MLPERF_LOG, RESULTS, RunDir
 
 # config keys that may differ between the repeats of one result
@@ -34,15 +34,13 @@ class PackageError(CloudmaskError):
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
-    """The run directories given, or found below the directories given (reports and experiments skipped)."""
+    """The run directories given or below them, found as `cloudmask report` finds them (a run that crashed before
+    its results.json is found too, and refused by the checks)."""
     runs: set[Path] = set()
     for p in map(Path, paths):
         if not p.is_dir():
             raise PackageError(f"{p}: no such directory", "pass run or experiment directories")
-        if (p / CONFIG).is_file():
-            runs.add(p)
-            continue
-        runs |= {r.parent for r in p.rglob(RESULTS) if "report" not in r.relative_to(p).parts}
+        runs.update(run_dirs(p))
     if not runs:
         raise PackageError(f"{', '.join(map(str, paths))}: no runs found", "pass run or experiment directories")
     return sorted(runs)

@@ -67,7 +67,7 @@ def collect(dirs: list[str | os.PathLike]) -> Report:
     if len(roots) == 1 and (base / CONFIG).is_file() and not (base / EXPERIMENT).is_file():
         base = base.parent  # a single run directory: name it by its own name
     for root in roots:
-        for run in _run_dirs(root):
+        for run in run_dirs(root):
             name = run.resolve().relative_to(base).as_posix()
             rows[name], histories[name] = _run_row(run, name)
             if (run / "power.csv").is_file():
@@ -97,7 +97,7 @@ def collect(dirs: list[str | os.PathLike]) -> Report:
                   {k: power[k] for k in sorted(power)})
 
 
-def _run_dirs(root: Path) -> list[Path]:
+def run_dirs(root: Path) -> list[Path]:
     """Every run directory below ``root``: one with config.yaml or results.json (a damaged run is listed with
     its problem, never dropped), except experiment directories and reports."""
     found = {p.parent for name in (CONFIG, RESULTS) for p in root.rglob(name)}

@@ -358,10 +358,11 @@ class RunSession:
         """results.json of the finished run, the reference's result record and run_stop in the MLPerf log. Once
         this begins a stop request waits: the writes take well under a second and leave a finished run."""
         self._stop_if_asked("inference" if self.cfg.infer.enabled else "training")
-        results = training_results(self.cfg, self.state, self.history(), self.test, self.inputs, self.devices,
+        history = self.history()
+        results = training_results(self.cfg, self.state, history, self.test, self.inputs, self.devices,
                                    status="success", fit_s=self.state.get("fit_s", 0.0),
                                    wall_s=time.time() - self._t_start)
-        results["target"] = target_section(self.cfg, self.state, self.history())
+        results["target"] = target_section(self.cfg, self.state, history)
         self.run_dir.write_results(results)
         self.mlog.event("result", reference_result(self.cfg, results, self.inputs, self.devices))
         self.mlog.end(C.RUN_STOP, status=run_status(self.cfg, self.state))

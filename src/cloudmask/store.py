@@ -142,8 +142,8 @@ def replicate(src: str | os.PathLike, dst: str | os.PathLike, n_files: dict[str,
     for split in n_files:
         if not meta["files"][split]:
             raise DataError(f"{src}: no {split} files to replicate", "prepare the source store from more files")
-    per = {"train": _geometry(meta).patches_per_train_image, "val": _geometry(meta).patches_per_train_image,
-           "test": 1}
+    patches = _geometry(meta).patches_per_train_image
+    per = {"train": patches, "val": patches, "test": 1}
     sources = {name: np.load(src / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
     done, total = 0, sum(n_files.values())
     with fileio.atomic_dir(dst) as tmp:
@@ -160,8 +160,8 @@ def replicate(src: str | os.PathLike, dst: str | os.PathLike, n_files: dict[str,
             done += n
             if progress:
                 progress(done, total)
-        meta = {**meta, "files": {s: _copies(meta["files"][s], n_files.get(s)) for s in meta["files"]},
-                "counts": {f"{s}_x": len(_copies(meta["files"][s], n_files.get(s))) * per[s] for s in meta["files"]},
+        files = {s: _copies(names, n_files.get(s)) for s, names in meta["files"].items()}
+        meta = {**meta, "files": files, "counts": {f"{s}_x": len(names) * per[s] for s, names in files.items()},
                 "replicated_from": {"store": str(src.resolve()),
                                     "files": {s: len(v) for s, v in meta["files"].items()}}}
         fileio.write_json(tmp / META, meta)
