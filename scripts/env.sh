@@ -30,15 +30,36 @@ cloudmask_env() {
             "$venv/bin/python" "$root/scripts/get_pip.py" || return 1
         fi
     fi
-    # Reinstall only when the package metadata or the requested extras change.
-    want="$extras $(cat "$root/pyproject.toml" "$root/VERSION" | cksum)"
+    # Reinstall only when the package metadata changes or an extra is asked for that is not installed yet
+    # (test.sh's tf,test covers bench.sh's tf: running one after the other installs nothing).
+    sum=$(cat "$root/pyproject.toml" "$root/VERSION" | cksum)
     stamp="$venv/.cloudmask-installed"
-    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    local installed="" have=""
+    if [ -f "$stamp" ]; then read -r have installed <"$stamp" || true; fi
+    if [ "$installed" != "$sum" ] || ! _cloudmask_has_extras "$have" "$extras"; then
+        [ "$installed" = "$sum" ] && extras=$(_cloudmask_union "$have" "$extras")
         echo "installing cloudmask-bench[$extras] into $venv (first time: a few minutes)" >&2
         "$venv/bin/python" -m pip install --quiet --upgrade pip >&2 || return 1
         "$venv/bin/python" -m pip install --quiet -e "${root}[${extras}]" >&2 || return 1
-        echo "$want" >"$stamp"
+        echo "$extras $sum" >"$stamp"
     fi
     export PATH="$venv/bin:$PATH"
     export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
+}
+
+# Whether the comma-separated extras $2 are all among $1.
+_cloudmask_has_extras() {
+    local want
+    for want in ${2//,/ }; do
+        case ",$1," in *",$want,"*) ;; *) return 1 ;; esac
+    done
+}
+
+# The comma-separated union of two extras lists, in first-seen order.
+_cloudmask_union() {
+    local out="$1" e
+    for e in ${2//,/ }; do
+        _cloudmask_has_extras "$out" "$e" || out="${out:+$out,}$e"
+    done
+    echo "$out"
 }

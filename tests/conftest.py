@@ -67,3 +67,56 @@ def prepared(dataset, tmp_path_factory) -> Path:
     done = run_cli("data", "prepare", str(dataset), str(out))
     assert done.returncode == 0, done.stderr
     return out
+
+
+def require(available: bool, what: str) -> None:
+    """Skip a test whose system tool is missing here; in CI (CLOUDMASK_CI=1, where .ci/run installs it) fail."""
+    if available:
+        return
+    if os.environ.get("CLOUDMASK_CI") == "1":
+        pytest.fail(f"CLOUDMASK_CI=1 but {what} is not installed")
+    pytest.skip(f"{what} is not installed")
+
+
+# ---------------------------------------------------------------------------------------- memory ceiling
+# A laptop with 16 GB must be able to run the suite: no test process (pytest itself, or a `cloudmask` it
+# starts) may pass RSS_LIMIT_GIB. getrusage gives the peak of this process and of the largest child waited for;
+# the test during which each peak rose is named, so a regression points at its test.
+RSS_LIMIT_GIB = float(os.environ.get("CLOUDMASK_TEST_RSS_LIMIT_GIB", "6"))
+_peaks = {"self": (0.0, ""), "children": (0.0, "")}
+
+
+def _peak_gib(who) -> float:
+    import resource
+
+    return resource.getrusage(who).ru_maxrss / 2**20  # KiB on Linux
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    import resource
+
+    for key, who in (("self", resource.RUSAGE_SELF), ("children", resource.RUSAGE_CHILDREN)):
+        peak = _peak_gib(who)
+        if peak > _peaks[key][0] + 0.01:
+            _peaks[key] = (peak, nodeid)
+
+
+def _over_limit() -> list[str]:
+    return [f"{who} {gib:.2f} GiB in {test}" for who, (gib, test) in _peaks.items() if gib > RSS_LIMIT_GIB]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _peaks["self"][1]:
+        return  # nothing ran (--collect-only)
+    terminalreporter.write_line(
+        f"peak RSS of the pytest process {_peaks['self'][0]:.2f} GiB (reached in {_peaks['self'][1] or '-'}), "
+        f"of the largest child process {_peaks['children'][0]:.2f} GiB (in {_peaks['children'][1] or '-'}); "
+        f"limit {RSS_LIMIT_GIB:g} GiB")
+    if _over_limit():
+        terminalreporter.write_line(f"FAILED memory ceiling: over {RSS_LIMIT_GIB:g} GiB RSS: "
+                                    f"{'; '.join(_over_limit())}", red=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _over_limit() and session.testscollected:
+        session.exitstatus = 1

@@ -196,3 +196,28 @@ def test_time_and_energy_to_target_per_run_and_per_group(tmp_path):
     assert float(summary["energy_to_target_above_idle_j"]["mean"]) == pytest.approx(60 * 28.75)
     assert _is_png(out / "accuracy_vs_time_energy-target.png")
     assert "time to target (s)" in (out / "report.md").read_text()
+
+
+def test_report_names_experiments_and_never_writes_into_a_run(tmp_path):
+    results = tmp_path / "results"  # output.root's default: says nothing about its runs
+    for seed in (1, 2):
+        _fake_run(results / f"20261204-1200{seed}0-seed{seed}", seed, 0.9, 10.0)
+        manifest = results / f"20261204-1200{seed}0-seed{seed}" / "manifest.json"
+        manifest.write_text(json.dumps({"host": {"hostname": "node7"}, "command": ["cloudmask", "bench"]}))
+    done = run_cli("report", str(results))
+    assert done.returncode == 0, done.stderr
+    md = (results / "report" / "report.md").read_text()
+    assert "### bench runs (2 runs)" in md and "### results" not in md
+    assert "report of 2 runs: " in done.stderr
+
+    named = run_cli("report", str(results), "--name", "laptop-cpu", "--out", str(tmp_path / "named"))
+    assert named.returncode == 0, named.stderr
+    assert "### laptop-cpu (2 runs)" in (tmp_path / "named" / "report.md").read_text()
+
+    single = results / "20261204-120010-seed1"
+    before = sorted(p.name for p in single.iterdir())
+    done = run_cli("report", str(single))
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in single.iterdir()) == before  # the run directory is left as its run wrote it
+    md = (results / "report-20261204-120010-seed1" / "report.md").read_text()
+    assert "(1 run)" in md and "1 runs" not in md and "1 run in 1 experiment: 1 successful." in md

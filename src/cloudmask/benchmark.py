@@ -35,9 +35,12 @@ def run(cfg: Config | None, out: str | os.PathLike | None = None, resume: bool =
     there first (node-local disk); it is not part of the config because it differs per node, not per result."""
     with RunSession.for_training(cfg, out, resume, resume_changes) as session:
         with session.phase("init"):
-            session.init()
-            session.data(stage_to)
-            session.load_model()
+            with session.phase("framework", energy=False):
+                session.init()
+            with session.phase("data", energy=False):
+                session.data(stage_to)
+            with session.phase("model", energy=False):
+                session.load_model()
         session.start()
         session.train()
         if not session.is_chief:

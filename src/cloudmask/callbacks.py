@@ -6,7 +6,8 @@
 * ``Checkpointer``: latest/best checkpoints and ``state.json`` after every epoch;
 * ``TargetStopper``: stop at the epoch that reaches the quality target (train.target);
 * ``Interrupter``: SIGTERM/SIGUSR1 end training at the next batch;
-* ``StepTimer``: the throughput mode's clock.
+* ``StepTimer``: the throughput mode's clock;
+* ``ProgressLines``: step/steps, patches/s and ETA of training and validation in a batch log.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from mlperf_logging.mllog import constants as C
 
 from . import fileio
+from .progress import Progress
 from .errors import RunDirError
 from .rundir import RunDir
 from .signals import StopSignals
@@ -242,3 +244,35 @@ class StepTimer(keras.callbacks.Callback):
     @property
     def seconds(self) -> float:
         return self.t1 - self.t0
+
+
+class ProgressLines(keras.callbacks.Callback):
+    """Training and validation progress as plain lines (progress.py) where Keras's bar would be a wall of
+    carriage returns: SLURM output files, nohup, CI logs."""
+
+    def __init__(self, epochs: int, train_steps: int, val_steps: int, patches_per_step: float,
+                 interval_s: float = 30.0):
+        super().__init__()
+        self.epochs, self.train_steps, self.val_steps = epochs, train_steps, val_steps
+        self.patches_per_step, self.interval_s = patches_per_step, interval_s
+        self._epoch = 0
+        self._bar: Progress | None = None
+
+    def _start(self, what: str, steps: int) -> None:
+        self._bar = Progress(f"epoch {self._epoch}/{self.epochs} {what}", steps, mode="lines",
+                             items_per_step=self.patches_per_step, interval_s=self.interval_s)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch + 1
+        self._start("training", self.train_steps)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._bar is not None:
+            self._bar.update(batch + 1)
+
+    def on_test_begin(self, logs=None):
+        self._start("validation", self.val_steps)
+
+    def on_test_batch_end(self, batch, logs=None):
+        if self._bar is not None:
+            self._bar.update(batch + 1)

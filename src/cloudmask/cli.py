@@ -3,11 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
+import re
 import sys
 
 from . import __version__, commands
 from .errors import CloudmaskError, describe_os_error
+
+
+class CloudmaskParser(argparse.ArgumentParser):
+    """argparse with hints: every command (a parser given a ``func``) also takes --quiet and --verbose, and
+    knows itself so that an unknown option is reported with its own usage; a misspelt choice gets a
+    did-you-mean."""
+
+    def set_defaults(self, **kwargs):
+        if "func" in kwargs:
+            kwargs["parser"] = self
+            self.add_argument("-q", "--quiet", action="store_true", help="no progress output (output.progress=off)")
+            self.add_argument("-v", "--verbose", action="store_true",
+                              help="also show the frameworks' start-up messages (TensorFlow, XLA, absl) on stderr")
+        super().set_defaults(**kwargs)
+
+    def error(self, message):
+        wrong = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if wrong:
+            close = difflib.get_close_matches(wrong.group(1), re.findall(r"'([^']*)'", wrong.group(2)), n=1)
+            if close:
+                message += f"; did you mean '{close[0]}'?"
+        super().error(message)
 
 
 # ------------------------------------------------------------------------------------------------- parser
@@ -28,7 +52,7 @@ def _add_run_options(p: argparse.ArgumentParser, data_help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CloudmaskParser(
         prog="cloudmask",
         description="MLCommons Science CloudMask benchmark: SLSTR cloud segmentation with a U-Net.",
         epilog="Run `cloudmask COMMAND --help` for the options of a command.",
@@ -149,7 +173,6 @@ def _add_run_commands(sub) -> None:
                        description="Run mlperf_logging's compliance checker with the cloudmask ruleset shipped in "
                                    "this package. Exit 0 when the log passes.")
     p.add_argument("target", metavar="RUN_OR_LOG", help="a run directory or an mlperf.log file")
-    p.add_argument("-v", "--verbose", action="store_true", help="print the checker's output on success too")
     p.set_defaults(func=commands.check_log)
 
 
@@ -178,7 +201,10 @@ def _add_tool_commands(sub) -> None:
                        description="Collect every run below DIR..., list failed and missing ones, and write "
                                    "runs.csv, summary.csv, report.json and report.md into --out.")
     p.add_argument("dirs", nargs="+", metavar="DIR")
-    p.add_argument("--out", metavar="DIR", help="output directory (default: first DIR/report)")
+    p.add_argument("--out", metavar="DIR", help="output directory (default: DIR/report for a folder of runs, "
+                                                "report-RUN beside a single run directory)")
+    p.add_argument("--name", help="experiment name of runs outside experiment directories (default: their "
+                                  "folder's name, or bench/train runs when that folder is `results`)")
     p.add_argument("--format", choices=["md", "csv", "json"], default="md", help="what to print (default md)")
     p.set_defaults(func=commands.report)
 
@@ -259,9 +285,44 @@ _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
 
 
+def _unknown_options(args, extra: list[str]) -> None:
+    """Report options the command does not have with its own usage, and the ``--set`` form where a config key
+    has the option's name (``--epochs 3``: ``--set train.epochs=3``)."""
+    from .config import RULES
+
+    leaf = args.parser
+    hints = []
+    for i, token in enumerate(extra):
+        if not token.startswith("--"):
+            continue
+        name, _, value = token[2:].partition("=")
+        if not value:
+            value = extra[i + 1] if i + 1 < len(extra) and not extra[i + 1].startswith("-") else "VALUE"
+        keys = [k for k in RULES if k.rsplit(".", 1)[-1] == name.replace("-", "_") or k == name]
+        hints += [f"--set {k}={value}" for k in keys]
+        if not keys:
+            options = [o for a in leaf._actions for o in a.option_strings if o.startswith("--")]
+            hints += [f"{o}" for o in difflib.get_close_matches(f"--{name}", options, n=1)]
+    leaf.error(f"unrecognized arguments: {' '.join(extra)}" + (f"; did you mean {' or '.join(hints)}?" if hints else ""))
+
+
+def entry() -> None:
+    """The ``cloudmask`` executable: stderr without the frameworks' start-up messages unless --verbose (set up
+    before anything imports TensorFlow), then ``main``."""
+    argv = sys.argv[1:]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's C++ info lines: not a Python setting
+    if not {"-v", "--verbose"} & set(argv) and not os.environ.get("CLOUDMASK_VERBOSE"):
+        from .console import filter_framework_noise
+
+        filter_framework_noise()
+    sys.exit(main(argv))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        _unknown_options(args, extra)
     try:
         return args.func(args)
     except CloudmaskError as e:
@@ -278,4 +339,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

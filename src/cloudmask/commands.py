@@ -10,18 +10,22 @@ from pathlib import Path
 from .errors import CloudmaskError
 
 
-def _progress(label: str):
-    """A one-line counter on a terminal, a line every 10 % otherwise (SLURM logs stay short)."""
-    tty = sys.stderr.isatty()
-    start = time.perf_counter()
+def _progress(label: str, args):
+    """A ``(i, total, ...)`` callback for the data commands: a live line on a terminal, a plain line every 30 s
+    or tenth otherwise (progress.py); nothing with --quiet."""
+    from . import console
+    from .progress import Progress
+
+    console.setup()
+    bar: Progress | None = None
+    started = time.perf_counter()
 
     def report(i: int, total: int, *_):
-        if tty:
-            end = "\n" if i == total else ""
-            print(f"\r{label} {i}/{total} ({time.perf_counter() - start:.0f} s)", end=end, file=sys.stderr,
-                  flush=True)
-        elif i == total or i % max(1, total // 10) == 0:
-            print(f"{label} {i}/{total} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+        nonlocal bar
+        if bar is None:
+            bar = Progress(label, total, "off" if args.quiet else "auto", unit="files", items_per_step=1,
+                           started=started)
+        bar.update(i)
 
     return report
 
@@ -48,7 +52,7 @@ def data_synth(args) -> int:
     from .synth import synthesize
 
     start = time.perf_counter()
-    paths = synthesize(args.out, args.train, args.test, args.seed, progress=_progress("synthesized"))
+    paths = synthesize(args.out, args.train, args.test, args.seed, progress=_progress("synthesizing", args))
     took = time.perf_counter() - start
     print(f"wrote {len(paths)} files ({args.train} training, {args.test} test) to {args.out} "
           f"in {took:.1f} s ({took / max(len(paths), 1):.2f} s/file)")
@@ -77,7 +81,7 @@ def data_verify(args) -> int:
                                  f"{len(result.changed)} changed files",
                                  "re-download them (`cloudmask data download` resumes)")
     report = data.verify(root, Geometry.from_config(cfg), cfg.data.min_finite_fraction, jobs=args.jobs,
-                         progress=_progress("verified"))
+                         progress=_progress("verifying", args))
     counts = report.counts()
     rows = []
     for split in ("train", "test"):
@@ -107,7 +111,7 @@ def data_prepare(args) -> int:
     from . import store
 
     cfg = _config(args)
-    meta = store.prepare(args.raw, args.store, cfg, jobs=args.jobs, progress=_progress("converted"))
+    meta = store.prepare(args.raw, args.store, cfg, jobs=args.jobs, progress=_progress("converting", args))
     counts = meta["counts"]
     print(f"store {args.store}: {counts['train_x']} training + {counts['val_x']} validation patches, "
           f"{counts['test_x']} test images, {meta['normalisation']} normalisation, float16, "
@@ -120,7 +124,7 @@ def data_replicate(args) -> int:
 
     start = time.perf_counter()
     meta = store.replicate(args.source, args.store, {"train": args.train_files, "val": args.val_files,
-                                                     "test": args.test_files}, progress=_progress("replicated"))
+                                                     "test": args.test_files}, progress=_progress("replicating", args))
     counts = meta["counts"]
     print(f"store {args.store}: {counts['train_x']} training + {counts['val_x']} validation patches, "
           f"{counts['test_x']} test images (copies of {args.source}) in {time.perf_counter() - start:.1f} s")
@@ -147,6 +151,8 @@ def _command_line_values(args, data: bool = True) -> dict:
         values["data.skip_bad"] = True
     if getattr(args, "store", None):
         values["data.store"] = args.store
+    if getattr(args, "quiet", False):
+        values["output.progress"] = "off"
     return values
 
 
@@ -181,7 +187,8 @@ def bench(args) -> int:
 def infer(args) -> int:
     from . import benchmark
 
-    benchmark.infer_only(args.run, args.checkpoint, args.data, args.out, args.set)
+    overrides = [*args.set, *(["output.progress=off"] if args.quiet else [])]
+    benchmark.infer_only(args.run, args.checkpoint, args.data, args.out, overrides)
     return 0
 
 
@@ -305,15 +312,15 @@ def doctor(args) -> int:
     print(doctor.table(checks))
     failed = [c for c in checks if c.status == "fail"]
     if failed:
-        print(f"{len(failed)} check(s) failed: {', '.join(c.name for c in failed)}", file=sys.stderr)
+        print(f"{_plural(len(failed), 'check')} failed: {', '.join(c.name for c in failed)}", file=sys.stderr)
     return 1 if failed else 0
 
 
 def report(args) -> int:
     from . import report
 
-    rep = report.collect(args.dirs)
-    out = Path(args.out) if args.out else Path(args.dirs[0]) / "report"
+    rep = report.collect(args.dirs, args.name)
+    out = Path(args.out) if args.out else report.default_out(Path(args.dirs[0]))
     files = report.write(rep, out)
     if args.format == "md":
         print((out / "report.md").read_text(), end="")
@@ -321,6 +328,11 @@ def report(args) -> int:
         print(report.to_csv(rep.runs, report.RUN_COLUMNS), end="")
     else:
         print(report.as_json(rep), end="")
-    print(f"report: {len(rep.runs)} runs ({len(rep.problems)} not successful) -> "
-          f"{', '.join(str(f) for f in files)}", file=sys.stderr)
+    problems = f", {len(rep.problems)} not successful" if rep.problems else ""
+    print(f"report of {_plural(len(rep.runs), 'run')}{problems}: {out}/ ({', '.join(f.name for f in files)})",
+          file=sys.stderr)
     return 0
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")

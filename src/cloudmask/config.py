@@ -105,10 +105,6 @@ def _auto_or(rule: Rule) -> Rule:
     return Rule(f"auto or {rule.describe}", lambda v: None if v == "auto" else rule.check(v))
 
 
-def _verbose() -> Rule:
-    return Rule("auto | 0 | 1 | 2", lambda v: None if v in ("auto", 0, 1, 2) else "must be auto, 0, 1 or 2")
-
-
 RULES: dict[str, Rule] = {
     "seed": _int(0, 2**31 - 1),
     "data.root": _text(optional=True),
@@ -146,7 +142,6 @@ RULES: dict[str, Rule] = {
     "train.early_stopping.restore_best_weights": _bool(),
     "train.target.metric": _choice("val_accuracy", "val_loss"),
     "train.target.value": Rule("number or null", lambda v: None if v is None else _float(0.0).check(v)),
-    "train.verbose": _verbose(),
     "infer.enabled": _bool(),
     "infer.threshold": _float(0.0, 1.0, open_lo=True, open_hi=True),
     "infer.images_per_call": _int(1, 1024),
@@ -169,6 +164,8 @@ RULES: dict[str, Rule] = {
     "mlperf.platform": _text(),
     "mlperf.runs": _int(1, 1000),
     "output.root": _text(),
+    "output.progress": _choice("auto", "bar", "lines", "off"),
+    "output.progress_interval_s": _float(1.0, 86_400.0),
     "bench.train_files": _int(2, 10_000),
     "bench.test_files": _int(1, 10_000),
     "bench.synth_seed": _int(0, 2**31 - 1),

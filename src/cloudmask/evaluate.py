@@ -22,6 +22,7 @@ import numpy as np
 from . import fileio, preprocess, runtime
 from .errors import DataError
 from .preprocess import Geometry
+from .progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,8 @@ def evaluate(model, images: TestImages, cfg, masks_dir: Path | None, stop_reques
                            threshold, infer.save_probabilities)
 
     t0 = time.perf_counter()
+    progress = Progress("inference", len(images.files), cfg.output.progress, unit="images", items_per_step=1,
+                        interval_s=cfg.output.progress_interval_s)
     group = []
     for path, loaded in _read_ahead(images.files, images.load, runtime.read_threads(cfg.data.read_threads),
                                     infer.images_per_call):
@@ -133,13 +136,17 @@ def evaluate(model, images: TestImages, cfg, masks_dir: Path | None, stop_reques
         group.append((path, loaded))
         if len(group) == infer.images_per_call:
             if stop_requested():
+                progress.close()
                 return None
             flush(group)
+            progress.update(len(per_file) + len(skipped))
             group = []
     if stop_requested():
+        progress.close()
         return None
     if group:
         flush(group)
+    progress.update(len(images.files))
     inference_s = time.perf_counter() - t0
     return _summary(per_file, skipped, threshold, inference_s)
 

@@ -9,7 +9,6 @@ Output is a function of the inputs only (sorted, no timestamps), so a report can
 from __future__ import annotations
 
 import base64
-import csv
 import functools
 import json
 import math
@@ -20,6 +19,7 @@ from pathlib import Path
 from . import fileio
 from .errors import CloudmaskError
 from .experiments import EXPERIMENT, Experiment, find_experiments, run_state, task_states
+from .plots import plot_all
 from .rundir import CONFIG, RESULTS
 from .slurm import queue_of
 from .tables import format_cell
@@ -55,7 +55,9 @@ class Report:
 # ---------------------------------------------------------------------------------------------- collect
 
 
-def collect(dirs: list[str | os.PathLike]) -> Report:
+def collect(dirs: list[str | os.PathLike], name: str | None = None) -> Report:
+    """Every run below ``dirs``. ``name``: the experiment of runs outside experiment directories (default: their
+    folder's name, or the command that made them when that folder is the generic ``results``)."""
     roots = [Path(d) for d in dirs]
     for root in roots:
         if not root.is_dir():
@@ -66,10 +68,11 @@ def collect(dirs: list[str | os.PathLike]) -> Report:
     base = Path(os.path.commonpath([r.resolve() for r in roots]))
     if len(roots) == 1 and (base / CONFIG).is_file() and not (base / EXPERIMENT).is_file():
         base = base.parent  # a single run directory: name it by its own name
+    name_as = name
     for root in roots:
         for run in run_dirs(root):
             name = run.resolve().relative_to(base).as_posix()
-            rows[name], histories[name] = _run_row(run, name)
+            rows[name], histories[name] = _run_row(run, name, name_as)
             if (run / "power.csv").is_file():
                 power[name] = run / "power.csv"
         experiments = find_experiments(root)
@@ -97,6 +100,14 @@ def collect(dirs: list[str | os.PathLike]) -> Report:
                   {k: power[k] for k in sorted(power)})
 
 
+def default_out(first: Path) -> Path:
+    """Where a report goes without --out: FIRST/report for a folder of runs, and beside a single run directory
+    (never inside it: a run directory holds what its run wrote, nothing else)."""
+    if (first / CONFIG).is_file() and not (first / EXPERIMENT).is_file():
+        return first.resolve().parent / f"report-{first.resolve().name}"
+    return first / "report"
+
+
 def run_dirs(root: Path) -> list[Path]:
     """Every run directory below ``root``: one with config.yaml or results.json (a damaged run is listed with
     its problem, never dropped), except experiment directories and reports."""
@@ -116,23 +127,37 @@ def _empty_row(experiment: str, name: str) -> dict:
     return row
 
 
-def _run_row(run: Path, name: str) -> tuple[dict, dict]:
+def _run_row(run: Path, name: str, name_as: str | None) -> tuple[dict, dict]:
     """The run's row of the runs table and its per-epoch history; a results.json whose structure is not the
     documented one is listed as ``unreadable`` with the reason."""
+    experiment = _experiment_of(run, name, name_as)
     try:
-        return _read_run(run, name)
+        return _read_run(run, name, experiment)
     except (AttributeError, TypeError, ValueError) as e:
-        row = _empty_row(_experiment_of(run, name), name)
+        row = _empty_row(experiment, name)
         row.update(status="unreadable", reason=f"results.json: unexpected structure ({type(e).__name__}: {e})")
         return row, {}
 
 
-def _experiment_of(run: Path, name: str) -> str:
-    return name.rsplit("/", 1)[0] if "/" in name else run.resolve().parent.name
+# Folders that say nothing about what their runs have in common (output.root's default)
+GENERIC_FOLDERS = {"results", "runs", "output", "outputs"}
 
 
-def _read_run(run: Path, name: str) -> tuple[dict, dict]:
-    experiment = _experiment_of(run, name)
+def _experiment_of(run: Path, name: str, name_as: str | None) -> str:
+    if (run.parent / EXPERIMENT).is_file():
+        return name.rsplit("/", 1)[0] if "/" in name else run.resolve().parent.name
+    if name_as:
+        return name_as
+    folder = name.rsplit("/", 1)[0] if "/" in name else run.resolve().parent.name
+    if folder.rsplit("/", 1)[-1] not in GENERIC_FOLDERS:
+        return folder
+    manifest = _read_json(run / "manifest.json")
+    command = manifest.get("command") if isinstance(manifest, dict) else None
+    verb = command[1] if isinstance(command, list) and len(command) > 1 else None
+    return f"{verb} runs" if verb in ("bench", "train", "infer") else "runs"
+
+
+def _read_run(run: Path, name: str, experiment: str) -> tuple[dict, dict]:
     row = _empty_row(experiment, name)
     history: dict = {}
     state, reason = run_state(run)
@@ -247,29 +272,71 @@ def _f(v, digits=4):
     return None if v is None else round(v, digits)
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _table(headers: list[str], rows: list[list], **extra) -> dict:
+    """A table for the templates; ``numeric``: columns with a number in any row (right-aligned)."""
+    numeric = [any(_is_number(row[i]) for row in rows) for i in range(len(headers))]
+    return {"headers": headers, "rows": rows, "numeric": numeric, **extra}
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+# The per-run tables: a main one and one of energy and target details, each narrow enough for a laptop screen
+RUN_TABLE = [("run", "run"), ("status", "status"), ("seed", "seed"), ("epochs", "epochs_run"),
+             ("train accuracy", "train_accuracy"), ("test accuracy", "test_accuracy"),
+             ("time per epoch (s)", "time_per_epoch_s"), ("time per test image (s)", "time_per_inference_s")]
+DETAIL_TABLE = [("run", "run"), ("machine", "machine"), ("GPU", "gpu"), ("GPU energy (J)", "gpu_energy_j"),
+                ("per epoch (J)", "gpu_energy_per_epoch_j"), ("above idle (J)", "gpu_energy_above_idle_j"),
+                ("epochs to target", "epochs_to_target"), ("time to target (s)", "time_to_target_s"),
+                ("energy to target (J)", "energy_to_target_j")]
+DIGITS = {"time_per_epoch_s": 2, "time_per_inference_s": 3, "gpu_energy_j": 1, "gpu_energy_per_epoch_j": 1,
+          "gpu_energy_above_idle_j": 1, "time_to_target_s": 1, "energy_to_target_j": 1}
+
+
+def _run_tables(runs: list[dict], experiment: str) -> dict:
+    """One experiment's runs, named relative to it."""
+    def cell(r, key):
+        if key == "run":
+            return r["run"].removeprefix(f"{experiment}/")
+        return _f(r[key], DIGITS.get(key, 4)) if isinstance(r[key], float) else r[key]
+
+    tables = {"name": experiment, "count": _plural(len(runs), "run")}
+    for what, columns in (("runs", RUN_TABLE), ("details", DETAIL_TABLE)):
+        tables[what] = _table([h for h, _ in columns], [[cell(r, k) for _, k in columns] for r in runs])
+    return tables
+
+
+def _summary_groups(report: Report) -> list[dict]:
+    groups: dict[tuple, list] = {}
+    for s in report.summary:
+        groups.setdefault((s["experiment"], s["machine"], s["gpu"]), []).append(
+            [METRICS[s["metric"]], s["n"], _f(s["mean"]), _f(s["std"]),
+             f"{format_cell(_f(s['ci95_low']))} – {format_cell(_f(s['ci95_high']))}" if s["ci95_low"] is not None else None,
+             _f(s["min"]), _f(s["max"]), _f(s["olympic_mean"])])
+    return [_table(["metric", "n", "mean", "std", "95 % CI", "min", "max", "olympic mean"], rows,
+                   name=f"{exp} · {machine} · {gpu}") for (exp, machine, gpu), rows in groups.items()]
+
+
 def _context(report: Report, plots: list[Path], note: str | None, inline: bool) -> dict:
     """What report.md and report.html show: the same tables, so the two pages never disagree."""
     ok = sum(r["status"] == "success" for r in report.runs)
-    summary = [[s["experiment"], s["machine"], s["gpu"], METRICS[s["metric"]], s["n"], _f(s["mean"]), _f(s["std"]),
-                f"{s['ci95_low']:.4g} – {s['ci95_high']:.4g}" if s["ci95_low"] is not None else None,
-                _f(s["min"]), _f(s["max"]), _f(s["olympic_mean"])] for s in report.summary]
-    runs = [[r["experiment"], r["run"], r["status"], r["seed"], r["epochs_run"], _f(r["train_accuracy"]),
-             _f(r["test_accuracy"]), _f(r["time_per_epoch_s"], 2), _f(r["time_per_inference_s"], 3), r["gpu"],
-             r["machine"], _f(r["gpu_energy_j"], 1), _f(r["gpu_energy_per_epoch_j"], 1),
-             _f(r["gpu_energy_above_idle_j"], 1), _f(r["time_to_target_s"], 1)] for r in report.runs]
+    experiments = sorted({r["experiment"] for r in report.runs})
+    not_ok = len(report.runs) - ok
     return {
         "title": "CloudMask benchmark report",
-        "counts": f"{len(report.runs)} runs: {ok} successful, {len(report.runs) - ok} failed, interrupted, "
-                  "incomplete or missing",
+        "counts": f"{_plural(len(report.runs), 'run')} in {_plural(len(experiments), 'experiment')}: {ok} "
+                  f"successful" + (f", {not_ok} failed, interrupted, incomplete or missing" if not_ok else ""),
         "summary_note": "Mean ± sample standard deviation, Student-t 95 % confidence interval of the mean, and the "
                         "olympic mean (lowest and highest value dropped; n ≥ 3). Successful runs only.",
-        "summary": {"headers": ["experiment", "machine", "GPU", "metric", "n", "mean", "std", "95 % CI", "min",
-                                "max", "olympic"], "rows": summary},
-        "runs": {"headers": ["experiment", "run", "status", "seed", "epochs", "train acc", "test acc", "s/epoch",
-                             "s/inference", "GPU", "machine", "GPU J", "J/epoch", "J above idle", "s to target"],
-                 "rows": runs},
-        "problems": {"headers": ["run", "status", "seed", "reason"],
-                     "rows": [[r["run"], r["status"], r["seed"], r["reason"]] for r in report.problems]},
+        "summary": _summary_groups(report),
+        "experiments": [_run_tables([r for r in report.runs if r["experiment"] == e], e) for e in experiments],
+        "problems": _table(["run", "status", "seed", "reason"],
+                           [[r["run"], r["status"], r["seed"], r["reason"]] for r in report.problems]),
         "plots": [{"name": p.name, "stem": p.stem,
                    "base64": base64.b64encode(p.read_bytes()).decode() if inline else None} for p in plots],
         "note": note,
@@ -284,6 +351,7 @@ def _templates():
                              autoescape=lambda name: bool(name) and name.endswith(".html.j2"),
                              undefined=jinja2.StrictUndefined)
     env.filters["cell"] = format_cell
+    env.tests["number"] = _is_number
     return env
 
 
@@ -316,135 +384,3 @@ def write(report: Report, out: str | os.PathLike) -> list[Path]:
     files.append(fileio.write_text(out / "report.md", markdown(report, plots, note)))
     files.append(fileio.write_text(out / "report.html", html(report, plots, note)))
     return files
-
-
-# ------------------------------------------------------------------------------------------------- plots
-
-
-def plot_all(report: Report, out: Path) -> tuple[list[Path], str | None]:
-    """The paper's figures for these runs: per-epoch curves of every repeat (Figures 3-8), time per epoch per
-    machine and GPU with error bars (Figure 9), energy per epoch, and GPU power traces."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return [], "Plots skipped: matplotlib is not installed (`pip install cloudmask-bench[report]`)."
-    plt.rcParams.update({"figure.dpi": 100, "font.size": 9, "svg.hashsalt": "cloudmask"})
-    plots = []
-    experiments = sorted({h["experiment"] for h in report.histories.values() if h.get("loss")})
-    for exp in experiments:
-        runs = {k: h for k, h in report.histories.items() if h.get("loss") and h["experiment"] == exp}
-        plots.append(_plot_curves(plt, exp, runs, out / f"curves-{_slug(exp)}.png"))
-        plots.append(_plot_quality(plt, exp, runs, out / f"accuracy_vs_time_energy-{_slug(exp)}.png"))
-    groups = [s for s in report.summary if s["metric"] == "time_per_epoch_s"]
-    if groups:
-        plots.append(_plot_bars(plt, groups, "time per epoch (s)", "Time per epoch (mean ± std over repeats)",
-                                out / "time_per_epoch.png"))
-    energy = [s for s in report.summary if s["metric"] == "gpu_energy_per_epoch_j"]
-    if energy:
-        plots.append(_plot_bars(plt, energy, "GPU energy per epoch (J)",
-                                "GPU energy per epoch (mean ± std over repeats)", out / "energy_per_epoch.png"))
-    if report.power:
-        plots.append(_plot_power(plt, report.power, out / "power_trace.png"))
-    return plots, None
-
-
-def _slug(text: str) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9.=,+-]+", "_", text).strip("_") or "runs"
-
-
-def _save(plt, fig, path: Path) -> Path:
-    fig.tight_layout()
-    with fileio.atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", metadata={"Software": None})
-    plt.close(fig)
-    return path
-
-
-def _plot_curves(plt, experiment: str, runs: dict[str, dict], path: Path) -> Path:
-    from matplotlib.ticker import MaxNLocator
-
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
-    panels = [("loss", "training loss"), ("val_loss", "validation loss"), ("accuracy", "training accuracy"),
-              ("val_accuracy", "validation accuracy")]
-    for ax, (key, label) in zip(axes.flat, panels):
-        for name, h in runs.items():
-            values = h.get(key) or []
-            ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3,
-                    label=f"seed {h['seed']}" + ("" if h["status"] == "success" else f" ({h['status']})"))
-        ax.set_title(label)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(label.split()[-1])
-        ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle(f"{experiment}: training and validation per epoch, {len(runs)} runs")
-    return _save(plt, fig, path)
-
-
-def _plot_quality(plt, experiment: str, runs: dict[str, dict], path: Path) -> Path:
-    """Validation accuracy against training time and against GPU energy, every run: the curve that compares two
-    machines on time (and energy) to a quality target."""
-    energy = any(h.get("energy_j") and None not in h["energy_j"] for h in runs.values())
-    fig, axes = plt.subplots(1, 2 if energy else 1, figsize=(10 if energy else 5.5, 4), squeeze=False)
-    panels = [("epoch_s", "training time (s)", 1.0)] + ([("energy_j", "GPU energy (kJ)", 1e-3)] if energy else [])
-    for ax, (key, label, scale) in zip(axes.flat, panels):
-        for n, h in enumerate(runs.values()):
-            steps = h.get(key) or []
-            if not steps or None in steps:
-                continue
-            x = [scale * sum(steps[: i + 1]) for i in range(len(steps))]
-            ax.plot(x, (h.get("val_accuracy") or [])[: len(x)], marker="o", markersize=3, color=f"C{n % 10}",
-                    label=f"seed {h['seed']}")  # one colour per run in both panels
-        for value in {h["target"] for h in runs.values() if h.get("target") is not None}:
-            ax.axhline(value, color="gray", linestyle="--", linewidth=0.8, label=f"target {value:g}")
-        ax.set_xlabel(label)
-        ax.set_ylabel("validation accuracy")
-        ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle(f"{experiment}: validation accuracy against time" + (" and energy" if energy else ""))
-    return _save(plt, fig, path)
-
-
-def _plot_bars(plt, groups: list[dict], ylabel: str, title: str, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(groups) + 2), 4.5))
-    labels = [f"{g['experiment']}\n{g['machine']}\n{g['gpu']}" for g in groups]
-    ax.bar(range(len(groups)), [g["mean"] for g in groups], yerr=[g["std"] or 0 for g in groups], capsize=4,
-           color="#4c72b0")
-    for i, g in enumerate(groups):
-        ax.annotate(f"n={g['n']}", (i, g["mean"] + (g["std"] or 0)), ha="center", va="bottom", fontsize=7,
-                    xytext=(0, 3), textcoords="offset points")
-    ax.set_xticks(range(len(groups)), labels, fontsize=7)
-    ax.set_xlabel("experiment / machine / GPU")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(axis="y", alpha=0.3)
-    return _save(plt, fig, path)
-
-
-def _plot_power(plt, traces: dict[str, Path], path: Path, limit: int = 8) -> Path:
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    for name, csv_path in list(traces.items())[:limit]:
-        series: dict[str, tuple[list, list]] = {}
-        with open(csv_path, newline="") as f:
-            for row in csv.DictReader(f):
-                try:
-                    t, w = float(row["time"]), float(row["power_w"])
-                except (KeyError, TypeError, ValueError):
-                    continue
-                ts, ws = series.setdefault(row.get("gpu", "0"), ([], []))
-                ts.append(t)
-                ws.append(w)
-        for gpu, (ts, ws) in sorted(series.items()):
-            t0 = ts[0] if ts else 0
-            ax.plot([t - t0 for t in ts], ws, linewidth=0.8, label=f"{name} GPU {gpu}")
-    ax.set_xlabel("time since the run started (s)")
-    ax.set_ylabel("GPU power (W)")
-    ax.set_title("GPU power" + (f" (first {limit} runs)" if len(traces) > limit else ""))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _save(plt, fig, path)

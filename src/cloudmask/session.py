@@ -169,9 +169,9 @@ class RunSession:
     def is_chief(self) -> bool:
         return self.cluster is None or self.cluster.is_chief
 
-    def phase(self, name: str):
-        """A timer phase and an energy window of the same name (telemetry.py)."""
-        return self.tel.phase(name)
+    def phase(self, name: str, energy: bool = True):
+        """A timer phase and (``energy``) an energy window of the same name (telemetry.py)."""
+        return self.tel.phase(name) if energy else self.tel.phase(name, window=None)
 
     # ---------------------------------------------------------------------------------------------- phases
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from . import fileio
 from .errors import DataError
+from .progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -332,8 +333,11 @@ def synthetic_dataset(cfg) -> Path:
     log.info("synthesizing %d training + %d test files into %s ...", b.train_files, b.test_files, target)
     t0 = time.perf_counter()
     try:
+        bar = Progress("synthesizing", b.train_files + b.test_files, cfg.output.progress, unit="files",
+                       items_per_step=1, interval_s=cfg.output.progress_interval_s)
         with fileio.atomic_dir(target) as tmp:
-            synthesize(tmp, b.train_files, b.test_files, b.synth_seed, height=h, width=w)
+            synthesize(tmp, b.train_files, b.test_files, b.synth_seed, height=h, width=w,
+                       progress=lambda i, *_: bar.update(i))
     except FileExistsError:
         pass  # another process finished the same dataset first: every file depends only on the seed
     log.info("synthesized in %.1f s", time.perf_counter() - t0)

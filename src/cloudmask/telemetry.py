@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import fileio
+from .console import FILE_ONLY
 from .energy import EnergyMeter
 from .energy_sources import POWERCAP
 from .provenance import collect_manifest, finish_manifest
@@ -106,8 +107,8 @@ class RunTelemetry:
         self.timers.write_csv(self.path / "timers.csv")
         if show_timers:
             log.info("\n%s", self.timers.table())
-            for line in self.timers.csv_lines():
-                log.info(line)
+            # for `grep '^# csv,timer' console.log`; the screen has the table above
+            log.info("timers as CSV:\n%s", "\n".join(self.timers.csv_lines()), extra={FILE_ONLY: True})
         if self.manifest is not None:
             fileio.write_json(self.path / "manifest.json", finish_manifest(self.manifest))
         return self.meter.summary()

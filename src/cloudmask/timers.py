@@ -84,9 +84,10 @@ class Timers:
         total = next((r.seconds for r in self.records if r.depth == 0 and r.seconds), None)
         rows = []
         for r in self.records:
-            share = f"{100 * r.seconds / total:.1f} %" if total and r.seconds is not None else "-"
-            rows.append(["  " * r.depth + r.name.rsplit("/", 1)[-1], r.seconds, share, round(r.start, 3)])
-        return text_table(["phase", "seconds", "of run", "start s"], rows, title="timers")
+            share = f"{100 * r.seconds / total:.1f}" if total and r.seconds is not None else None
+            seconds = f"{r.seconds:.2f}" if r.seconds is not None else None
+            rows.append(["  " * r.depth + r.name.rsplit("/", 1)[-1], seconds, share, f"{r.start:.2f}"])
+        return text_table(["phase", "seconds", "% of run", "starts at s"], rows, title="timers")
 
     def write_csv(self, path: Path) -> None:
         """timers.csv with the rows of earlier attempts (a resumed run) kept before this attempt's."""

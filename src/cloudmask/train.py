@@ -9,7 +9,6 @@ no validation, checkpoint or record, timed after a warm-up.
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +16,10 @@ from pathlib import Path
 import keras
 
 from . import worker_loop
-from .callbacks import Checkpointer, EpochRecorder, Interrupter, ResumableEarlyStopping, StepTimer, TargetStopper
+from .callbacks import (Checkpointer, EpochRecorder, Interrupter, ProgressLines, ResumableEarlyStopping, StepTimer,
+                        TargetStopper)
 from .errors import TrainingInterrupted
+from .progress import resolve as resolve_progress
 from .rundir import RunDir
 from .signals import StopSignals
 from .worker_loop import StopTraining
@@ -108,15 +109,13 @@ def train_run(cfg, run: RunDir, model, td, mlog, state: dict, stop: StopSignals,
                  *([Checkpointer(run, state, es)] if chief else [])]  # the checkpoint commits what came before it
     # a run that reached its target (or stopped early) before an interruption does not train on when resumed
     epochs = start if state.get("target_epoch") or state.get("stopped_early") else cfg.train.epochs
-    verbose = cfg.train.verbose
-    if verbose == "auto":
-        verbose = 1 if sys.stdout.isatty() else 0
+    verbose, progress = _progress(cfg, td, epochs, chief)
     t0 = time.perf_counter()
     try:
         # Keras fit stops at the next batch through a callback; the multi-worker loop must not stop one worker
         # alone (the others would wait in a collective): it polls the request before every step, all together
         interrupter = [Interrupter(stop)] if cluster is None else []
-        loop = fit_loop(model, td.train_stream, td.val_stream, [*callbacks, *interrupter], epochs, start,
+        loop = fit_loop(model, td.train_stream, td.val_stream, [*progress, *callbacks, *interrupter], epochs, start,
                         cluster=cluster, global_batch=cfg.train.batch_size, verbose=verbose,
                         stop_requested=lambda: stop.requested)
         if loop is not None and not chief:  # the chief's Checkpointer keeps the count; the others follow
@@ -136,6 +135,18 @@ def train_run(cfg, run: RunDir, model, td, mlog, state: dict, stop: StopSignals,
         state["restored_best_epoch"] = state.get("best_epoch")
     worker = {"train_s": loop.train_s, "patches": loop.samples} if loop is not None else None
     return FitOutcome(history, len(history), bool(state.get("stopped_early")), state["fit_s"], callbacks, worker)
+
+
+def _progress(cfg, td, epochs: int, chief: bool) -> tuple[int, list]:
+    """Keras's own bar on a terminal; plain lines (ProgressLines) in a batch log; nothing with --quiet."""
+    mode = resolve_progress(cfg.output.progress) if chief else "off"
+    if mode != "lines":
+        return int(mode == "bar"), []
+    steps = td.train_stream.steps
+    lines = ProgressLines(epochs, steps, td.val_stream.steps if td.val_stream is not None else 0,
+                          td.train_stream.batches * cfg.train.batch_size / max(steps, 1),
+                          cfg.output.progress_interval_s)
+    return 0, [lines]
 
 
 def _early_stopping(cfg, state: dict, checkpoints: Path) -> ResumableEarlyStopping | None:
