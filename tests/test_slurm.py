@@ -148,7 +148,7 @@ def test_an_array_of_two_then_the_aggregation(cluster, dataset, tmp_path):
     assert sorted((r["run"], r["seed"], r["status"]) for r in rows) == [
         (f"{array}_1", "1", "success"), (f"{array}_2", "2", "success")]
     summary = (exp / "report" / "report.md").read_text()
-    assert "| pair | " in summary and "test accuracy | 2 |" in summary
+    assert "### pair · " in summary and "| test accuracy | 2 |" in summary
 
 
 def _submit_one(env: dict, tmp_path: Path, experiment: str, epochs: int) -> tuple[str, Path, Path]:
@@ -240,8 +240,8 @@ def test_a_grid_with_a_failing_experiment(cluster, dataset, tmp_path):
     status = run_cli("grid", "status", str(results / "g"), env=cluster)
     assert status.returncode == 0
     lines = {ln.split()[0]: ln for ln in status.stdout.splitlines() if ln.startswith("train_dir=")}
-    assert " done " in lines["train_dir=null"]
-    assert " failed " in lines["train_dir=-nonexistent-training"] and "data.train_dir" in status.stdout
+    assert "done" in lines["train_dir=null"].split()
+    assert "failed" in lines["train_dir=-nonexistent-training"].split() and "data.train_dir" in status.stdout
 
     report = (results / "g" / "report" / "report.md").read_text()  # written by the aggregation job
     problems = report.split("## Failed")[1]
