@@ -77,7 +77,8 @@ from cloudmask.console import filter_framework_noise
 filter_framework_noise()
 os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n")
 os.write(2, b"I0000 00:00:1796402341.835788    1443 port.cc:153] oneDNN custom operations are on.\n")
-os.write(2, b"E0000 00:00:1796402352.117603    1443 util.cc:131] oneDNN supports DT_INT32 only on platforms with AVX-512.\n")
+os.write(2, b"E0000 00:00:1796402352.117603    1443 util.cc:131] oneDNN supports DT_INT32 only on platforms "
+            b"with AVX-512.\n")
 os.write(2, b"E0000 00:00:1796402352.117603    1443 cuda.cc:1] failed call to cuInit: UNKNOWN ERROR (303)\n")
 print("a Python warning", file=sys.stderr)
 os.write(2, b"F0000 check failed: the last words before a crash\n")

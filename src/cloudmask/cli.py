@@ -302,8 +302,9 @@ def _unknown_options(args, extra: list[str]) -> None:
         hints += [f"--set {k}={value}" for k in keys]
         if not keys:
             options = [o for a in leaf._actions for o in a.option_strings if o.startswith("--")]
-            hints += [f"{o}" for o in difflib.get_close_matches(f"--{name}", options, n=1)]
-    leaf.error(f"unrecognized arguments: {' '.join(extra)}" + (f"; did you mean {' or '.join(hints)}?" if hints else ""))
+            hints += difflib.get_close_matches(f"--{name}", options, n=1)
+    hint = f"; did you mean {' or '.join(hints)}?" if hints else ""
+    leaf.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
 
 
 def entry() -> None:

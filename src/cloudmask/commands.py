@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from .errors import CloudmaskError
+from .tables import plural
 
 
 def _progress(label: str, args):
@@ -312,7 +313,7 @@ def doctor(args) -> int:
     print(doctor.table(checks))
     failed = [c for c in checks if c.status == "fail"]
     if failed:
-        print(f"{_plural(len(failed), 'check')} failed: {', '.join(c.name for c in failed)}", file=sys.stderr)
+        print(f"{plural(len(failed), 'check')} failed: {', '.join(c.name for c in failed)}", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -329,10 +330,6 @@ def report(args) -> int:
     else:
         print(report.as_json(rep), end="")
     problems = f", {len(rep.problems)} not successful" if rep.problems else ""
-    print(f"report of {_plural(len(rep.runs), 'run')}{problems}: {out}/ ({', '.join(f.name for f in files)})",
+    print(f"report of {plural(len(rep.runs), 'run')}{problems}: {out}/ ({', '.join(f.name for f in files)})",
           file=sys.stderr)
     return 0
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")

@@ -21,6 +21,7 @@ import yaml
 from . import reference_config
 from .distribution import DATA_PARALLEL, check_batch
 from .errors import ConfigError
+from .progress import MODES as PROGRESS_MODES
 
 # --------------------------------------------------------------------------------------------------------------
 # YAML: PyYAML follows YAML 1.1, where 1e-3 is a string; users write --set train.learning_rate=1e-3.
@@ -164,7 +165,7 @@ RULES: dict[str, Rule] = {
     "mlperf.platform": _text(),
     "mlperf.runs": _int(1, 1000),
     "output.root": _text(),
-    "output.progress": _choice("auto", "bar", "lines", "off"),
+    "output.progress": _choice(*PROGRESS_MODES),
     "output.progress_interval_s": _float(1.0, 86_400.0),
     "bench.train_files": _int(2, 10_000),
     "bench.test_files": _int(1, 10_000),

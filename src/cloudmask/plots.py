@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from . import fileio
+from .tables import plural
 
 def plot_all(report, out: Path) -> tuple[list[Path], str | None]:
     """The paper's figures for these runs: per-epoch curves of every repeat (Figures 3-8), time per epoch per
@@ -69,7 +70,7 @@ def _plot_curves(plt, experiment: str, runs: dict[str, dict], path: Path) -> Pat
         ax.set_ylabel(label.split()[-1])
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=7)
-    fig.suptitle(f"{experiment}: training and validation per epoch, {len(runs)} run{'' if len(runs) == 1 else 's'}")
+    fig.suptitle(f"{experiment}: training and validation per epoch, {plural(len(runs), 'run')}")
     return _save(plt, fig, path)
 
 

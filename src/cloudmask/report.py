@@ -22,7 +22,7 @@ from .experiments import EXPERIMENT, Experiment, find_experiments, run_state, ta
 from .plots import plot_all
 from .rundir import CONFIG, RESULTS
 from .slurm import queue_of
-from .tables import format_cell
+from .tables import format_cell, plural
 
 RUN_COLUMNS = ["experiment", "run", "status", "seed", "epochs_run", "train_accuracy", "test_accuracy",
                "time_per_epoch_s", "time_per_inference_s", "gpu", "gpus", "machine", "gpu_energy_j",
@@ -55,9 +55,9 @@ class Report:
 # ---------------------------------------------------------------------------------------------- collect
 
 
-def collect(dirs: list[str | os.PathLike], name: str | None = None) -> Report:
-    """Every run below ``dirs``. ``name``: the experiment of runs outside experiment directories (default: their
-    folder's name, or the command that made them when that folder is the generic ``results``)."""
+def collect(dirs: list[str | os.PathLike], experiment_name: str | None = None) -> Report:
+    """Every run below ``dirs``. ``experiment_name``: the experiment of runs outside experiment directories
+    (default: their folder's name, or the command that made them when that folder is the generic ``results``)."""
     roots = [Path(d) for d in dirs]
     for root in roots:
         if not root.is_dir():
@@ -68,11 +68,10 @@ def collect(dirs: list[str | os.PathLike], name: str | None = None) -> Report:
     base = Path(os.path.commonpath([r.resolve() for r in roots]))
     if len(roots) == 1 and (base / CONFIG).is_file() and not (base / EXPERIMENT).is_file():
         base = base.parent  # a single run directory: name it by its own name
-    name_as = name
     for root in roots:
         for run in run_dirs(root):
             name = run.resolve().relative_to(base).as_posix()
-            rows[name], histories[name] = _run_row(run, name, name_as)
+            rows[name], histories[name] = _run_row(run, name, experiment_name)
             if (run / "power.csv").is_file():
                 power[name] = run / "power.csv"
         experiments = find_experiments(root)
@@ -127,10 +126,10 @@ def _empty_row(experiment: str, name: str) -> dict:
     return row
 
 
-def _run_row(run: Path, name: str, name_as: str | None) -> tuple[dict, dict]:
+def _run_row(run: Path, name: str, experiment_name: str | None) -> tuple[dict, dict]:
     """The run's row of the runs table and its per-epoch history; a results.json whose structure is not the
     documented one is listed as ``unreadable`` with the reason."""
-    experiment = _experiment_of(run, name, name_as)
+    experiment = _experiment_of(run, name, experiment_name)
     try:
         return _read_run(run, name, experiment)
     except (AttributeError, TypeError, ValueError) as e:
@@ -143,12 +142,12 @@ def _run_row(run: Path, name: str, name_as: str | None) -> tuple[dict, dict]:
 GENERIC_FOLDERS = {"results", "runs", "output", "outputs"}
 
 
-def _experiment_of(run: Path, name: str, name_as: str | None) -> str:
-    if (run.parent / EXPERIMENT).is_file():
-        return name.rsplit("/", 1)[0] if "/" in name else run.resolve().parent.name
-    if name_as:
-        return name_as
+def _experiment_of(run: Path, name: str, experiment_name: str | None) -> str:
     folder = name.rsplit("/", 1)[0] if "/" in name else run.resolve().parent.name
+    if (run.parent / EXPERIMENT).is_file():
+        return folder
+    if experiment_name:
+        return experiment_name
     if folder.rsplit("/", 1)[-1] not in GENERIC_FOLDERS:
         return folder
     manifest = _read_json(run / "manifest.json")
@@ -282,10 +281,6 @@ def _table(headers: list[str], rows: list[list], **extra) -> dict:
     return {"headers": headers, "rows": rows, "numeric": numeric, **extra}
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
-
-
 # The per-run tables: a main one and one of energy and target details, each narrow enough for a laptop screen
 RUN_TABLE = [("run", "run"), ("status", "status"), ("seed", "seed"), ("epochs", "epochs_run"),
              ("train accuracy", "train_accuracy"), ("test accuracy", "test_accuracy"),
@@ -305,7 +300,7 @@ def _run_tables(runs: list[dict], experiment: str) -> dict:
             return r["run"].removeprefix(f"{experiment}/")
         return _f(r[key], DIGITS.get(key, 4)) if isinstance(r[key], float) else r[key]
 
-    tables = {"name": experiment, "count": _plural(len(runs), "run")}
+    tables = {"name": experiment, "count": plural(len(runs), "run")}
     for what, columns in (("runs", RUN_TABLE), ("details", DETAIL_TABLE)):
         tables[what] = _table([h for h, _ in columns], [[cell(r, k) for _, k in columns] for r in runs])
     return tables
@@ -314,9 +309,10 @@ def _run_tables(runs: list[dict], experiment: str) -> dict:
 def _summary_groups(report: Report) -> list[dict]:
     groups: dict[tuple, list] = {}
     for s in report.summary:
+        low, high = (format_cell(_f(s[k])) for k in ("ci95_low", "ci95_high"))
         groups.setdefault((s["experiment"], s["machine"], s["gpu"]), []).append(
             [METRICS[s["metric"]], s["n"], _f(s["mean"]), _f(s["std"]),
-             f"{format_cell(_f(s['ci95_low']))} – {format_cell(_f(s['ci95_high']))}" if s["ci95_low"] is not None else None,
+             None if s["ci95_low"] is None else f"{low} – {high}",
              _f(s["min"]), _f(s["max"]), _f(s["olympic_mean"])])
     return [_table(["metric", "n", "mean", "std", "95 % CI", "min", "max", "olympic mean"], rows,
                    name=f"{exp} · {machine} · {gpu}") for (exp, machine, gpu), rows in groups.items()]
@@ -329,7 +325,7 @@ def _context(report: Report, plots: list[Path], note: str | None, inline: bool) 
     not_ok = len(report.runs) - ok
     return {
         "title": "CloudMask benchmark report",
-        "counts": f"{_plural(len(report.runs), 'run')} in {_plural(len(experiments), 'experiment')}: {ok} "
+        "counts": f"{plural(len(report.runs), 'run')} in {plural(len(experiments), 'experiment')}: {ok} "
                   f"successful" + (f", {not_ok} failed, interrupted, incomplete or missing" if not_ok else ""),
         "summary_note": "Mean ± sample standard deviation, Student-t 95 % confidence interval of the mean, and the "
                         "olympic mean (lowest and highest value dropped; n ≥ 3). Successful runs only.",

@@ -17,6 +17,11 @@ def format_cell(value) -> str:
     return str(value)
 
 
+def plural(n: int, word: str) -> str:
+    """``1 run``, ``2 runs``."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def text_table(headers: Sequence[str], rows: Sequence[Sequence], title: str | None = None) -> str:
     """Columns of numbers right-aligned on their decimal point, any other column left-aligned."""
     columns = list(zip(*[[format_cell(v) for v in row] for row in rows])) if rows else [()] * len(headers)
