@@ -36,6 +36,15 @@ def test_dotted_overrides_are_typed():
     assert set(cfg.deviations()) == {"train.learning_rate"}
 
 
+def test_a_bare_off_is_the_word_off(tmp_path):
+    # YAML 1.1 reads `off` as false: `--set output.progress=off` (what infer -q passes) and a file's `progress: off`
+    # both mean the choice "off"
+    path = tmp_path / "c.yaml"
+    path.write_text("output:\n  progress: off\n")
+    assert load_config(str(path)).output.progress == "off"
+    assert load_config(overrides=["output.progress=off"]).output.progress == "off"
+
+
 @pytest.mark.parametrize("override, needle", [
     ("train.epoch=3", "train.epoch"),                 # unknown key, named
     ("train.batch_size=0", "train.batch_size"),       # out of range

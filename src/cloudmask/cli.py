@@ -10,6 +10,7 @@ import sys
 
 from . import __version__, commands
 from .errors import CloudmaskError, describe_os_error
+from .remote import redact
 
 
 class CloudmaskParser(argparse.ArgumentParser):
@@ -100,9 +101,13 @@ def _add_data_commands(sub) -> None:
     p = data_sub.add_parser("prepare", help="convert the dataset once into a fast patch store",
                             description="Read RAW once and write STORE: normalised float16 training/validation "
                                         "patches (the reference's split), uint8 masks and the test images, as "
-                                        "memory-mappable arrays. Train with `cloudmask train --store STORE`.")
-    p.add_argument("raw", metavar="RAW", help="dataset root (training/+inference/ or one-day/+ssts/)")
-    p.add_argument("store", metavar="STORE", help="new store directory")
+                                        "memory-mappable arrays. Train with `cloudmask train --store STORE`. "
+                                        "Either may be an s3://bucket/prefix URL.")
+    p.add_argument("raw", metavar="RAW", help="dataset root (training/+inference/ or one-day/+ssts/), or a URL")
+    p.add_argument("store", metavar="STORE", help="new store directory, or a URL (Zarr)")
+    p.add_argument("--format", dest="array_format", choices=("auto", "npy", "zarr"), default="auto",
+                   help="array format: npy (the fastest on a file system) | zarr (object storage, shared by the "
+                        "workers of a job) | auto: zarr for a URL, else npy")
     p.add_argument("--jobs", type=_positive_int, default=2, metavar="N", help="parallel converters (default 2)")
     _add_config_options(p)
     p.set_defaults(func=commands.data_prepare)
@@ -327,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except CloudmaskError as e:
-        print(f"cloudmask: error: {e}", file=sys.stderr)
+        print(f"cloudmask: error: {redact(str(e))}", file=sys.stderr)
         return e.exit_code
     except OSError as e:  # a library's own write (not through fileio) failing on a full or read-only disk
         if os.environ.get("CLOUDMASK_DEBUG"):

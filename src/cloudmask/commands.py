@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from .errors import CloudmaskError
+from .remote import redact
 from .tables import plural
 
 
@@ -61,12 +62,12 @@ def data_synth(args) -> int:
 
 
 def data_verify(args) -> int:
-    from . import data
+    from . import data, remote
     from .preprocess import Geometry
     from .tables import text_table
 
     cfg = _config(args)
-    root = Path(args.dir)
+    root = remote.location(args.dir)
     if args.check_manifest:
         result = data.check_manifest(root, jobs=args.jobs or 4)
         for rel in result.missing:
@@ -112,10 +113,11 @@ def data_prepare(args) -> int:
     from . import store
 
     cfg = _config(args)
-    meta = store.prepare(args.raw, args.store, cfg, jobs=args.jobs, progress=_progress("converting", args))
+    meta = store.prepare(args.raw, args.store, cfg, jobs=args.jobs, progress=_progress("converting", args),
+                         array_format=args.array_format)
     counts = meta["counts"]
-    print(f"store {args.store}: {counts['train_x']} training + {counts['val_x']} validation patches, "
-          f"{counts['test_x']} test images, {meta['normalisation']} normalisation, float16, "
+    print(f"store {redact(args.store)}: {counts['train_x']} training + {counts['val_x']} validation patches, "
+          f"{counts['test_x']} test images, {meta['normalisation']} normalisation, float16 {meta['arrays']}, "
           f"in {meta['prepare_s']:.1f} s")
     return 0
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
-from . import reference_config
+from . import reference_config, remote
 from .distribution import DATA_PARALLEL, check_batch
 from .errors import ConfigError
 from .progress import MODES as PROGRESS_MODES
@@ -106,6 +106,9 @@ def _auto_or(rule: Rule) -> Rule:
     return Rule(f"auto or {rule.describe}", lambda v: None if v == "auto" else rule.check(v))
 
 
+DATA_LOCATIONS = ("root", "train_dir", "test_dir", "store")
+WORD_OFF = ("output.progress",)  # choices that include the word off
+
 RULES: dict[str, Rule] = {
     "seed": _int(0, 2**31 - 1),
     "data.root": _text(optional=True),
@@ -121,6 +124,10 @@ RULES: dict[str, Rule] = {
                        else "must be auto, off or a directory"),  # YAML reads a bare off as false
     "data.store": _text(optional=True),
     "data.resident": _choice("none", "host", "device"),
+    "data.remote.anonymous": Rule("auto | true | false", lambda v: None if v in ("auto", True, False)
+                                  else "must be auto, true or false"),
+    "data.remote.retries": _int(1, 100),
+    "data.remote.endpoint_url": _text(optional=True),
     "image.height": _int(16),
     "image.width": _int(16),
     "image.patch_size": _int(8),
@@ -264,6 +271,8 @@ def _merge(base: dict, update: dict, source: str, prefix: str = "") -> None:
         else:
             if isinstance(value, dict):
                 raise ConfigError(f"{source}: '{full}' takes a value, not a section")
+            if value is False and full in WORD_OFF:  # YAML 1.1 reads a bare off as false
+                value = "off"
             base[key] = value
 
 
@@ -315,8 +324,9 @@ def load_config(config_file: str | None = None, overrides: Iterable[str] = (),
                 _set_dotted(raw, key, value)
             notes = [f"{source}: reference config mapped; {n}" for n in notes]
         _merge(tree, raw, source)
-    cfg = Config(tree, notes)
-    return cfg.with_values({**dict(parse_override(item) for item in overrides), **(values or {})})
+    cfg = Config(tree, notes).with_values({**dict(parse_override(item) for item in overrides), **(values or {})})
+    remote.configure(cfg.data.remote)
+    return cfg
 
 
 def config_from_dict(tree: dict, source: str) -> "Config":
@@ -325,6 +335,7 @@ def config_from_dict(tree: dict, source: str) -> "Config":
     _merge(full, tree, source)
     cfg = Config(full)
     cfg.validate(source)
+    remote.configure(cfg.data.remote)
     return cfg
 
 
@@ -370,6 +381,8 @@ class Config:
             update: dict = {}
             _set_dotted(update, key, value)
             _merge(tree, update, source)
+        for key in DATA_LOCATIONS:  # secrets in a URL stay in this process, never in a saved config
+            tree["data"][key] = remote.take_credentials(tree["data"][key])
         cfg = Config(tree, self.notes)
         cfg.validate()
         return cfg

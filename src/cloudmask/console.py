@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from . import remote
 from .fileio import AppendLog
 from .rundir import CONSOLE_LOG, RunDir
 
@@ -40,12 +41,21 @@ def quiet() -> None:
             h.setLevel(logging.WARNING)
 
 
+def _redacted(record: logging.LogRecord) -> bool:
+    """Drop the credentials of any URL in the line (remote.py already keeps them out of paths and configs)."""
+    text = record.getMessage()
+    if "@" in text:
+        record.msg, record.args = remote.redact(text), None
+    return True
+
+
 def attach(run: RunDir) -> logging.Handler:
     """Send the package's log lines to ``console.log`` in the run directory (appending on resume). A write that
     fails there (a full disk) drops the file's later lines; stdout still has them, and the failing write of a
     checkpoint or result stops the run with the reason."""
     handler = AppendLog(run / CONSOLE_LOG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    handler.addFilter(_redacted)
     logging.getLogger(LOGGER).addHandler(handler)
     return handler
 

@@ -16,17 +16,18 @@ become 0 (clear). A file whose refs+bts are less than ``data.min_finite_fraction
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
+import io
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from . import fileio
+from . import fileio, remote
 from .errors import DataError
 from .preprocess import N_BTS, N_CHANNELS, N_REFS, Geometry
 
@@ -39,10 +40,11 @@ MANIFEST_NAME = "MANIFEST.sha256"
 # ---------------------------------------------------------------------------------------------- discovery
 
 
-def find_files(directory: str | os.PathLike) -> list[Path]:
-    """All ``**/S3A*.hdf`` below ``directory``, sorted by path relative to it."""
-    root = Path(directory)
-    return sorted(root.rglob(PATTERN), key=lambda p: p.relative_to(root).as_posix())
+def find_files(directory) -> list[Path]:
+    """All ``**/S3A*.hdf`` below ``directory`` (a path or URL), sorted by path relative to it."""
+    root = remote.location(directory)
+    with remote.errors(root):
+        return sorted(root.rglob(PATTERN), key=lambda p: p.relative_to(root).as_posix())
 
 
 @dataclass(frozen=True)
@@ -56,14 +58,14 @@ def resolve_layout(root: str | None = None, train_dir: str | None = None, test_d
                    need_train: bool = True, need_test: bool = True) -> Layout:
     """Find the training and test directories from a dataset root or explicit paths."""
     if train_dir or test_dir:
-        tr = Path(train_dir).expanduser() if train_dir else None
-        te = Path(test_dir).expanduser() if test_dir else None
+        tr = remote.location(train_dir) if train_dir else None
+        te = remote.location(test_dir) if test_dir else None
         if root and (tr is None or te is None):
             base = resolve_layout(root, need_train=need_train and tr is None, need_test=need_test and te is None)
             tr, te = tr or base.train_dir, te or base.test_dir
         layout = Layout(tr, te, "explicit")
     elif root:
-        layout = _layout_of_root(Path(root).expanduser())
+        layout = _layout_of_root(remote.location(root))
     else:
         raise DataError("no dataset given", "pass --data DIR (or set data.root), or run `cloudmask bench` "
                                             "to use synthetic data")
@@ -75,6 +77,7 @@ def resolve_layout(root: str | None = None, train_dir: str | None = None, test_d
 
 
 def _layout_of_root(root: Path) -> Layout:
+    remote.probe(root)  # a missing bucket, denied access or no endpoint, said as such
     if not root.is_dir():
         raise DataError(f"{root}: dataset directory does not exist",
                         "check the path, or fetch the data with `cloudmask data download DIR`")
@@ -96,6 +99,7 @@ def _layout_of_root(root: Path) -> Layout:
 def _require_files(path: Path | None, key: str) -> None:
     if path is None:
         raise DataError(f"{key} is not set and no dataset root gives it", "pass --data DIR or set " + key)
+    remote.probe(path)
     if not path.is_dir():
         raise DataError(f"{path}: directory does not exist ({key})", "check the path")
     if not find_files(path):
@@ -129,7 +133,8 @@ def _h5_reason(err: Exception) -> str:
 
 def read_sample(path: str | os.PathLike, geometry: Geometry = Geometry(), min_finite_fraction: float = 0.5) -> Sample:
     """Read refs, bts and bayes of one file; raise DataError naming the file for every kind of bad input."""
-    return sample_of(Path(path), read_arrays(path, geometry), min_finite_fraction)
+    path = remote.location(path)
+    return sample_of(path, read_arrays(path, geometry), min_finite_fraction)
 
 
 def read_arrays(path: str | os.PathLike, geometry: Geometry = Geometry(),
@@ -139,10 +144,14 @@ def read_arrays(path: str | os.PathLike, geometry: Geometry = Geometry(),
     h5py serialises every call behind one global lock, so threads reading through it take turns. Contiguous
     uncompressed datasets (the released files) are read by file offset with ``preadv``, which releases the
     GIL, so reader threads really read in parallel; chunked or compressed ones through h5py. ``buffers``: a
-    reader thread's arrays to read into, reused next call (fresh memory costs a page fault per page)."""
-    path = Path(path)
+    reader thread's arrays to read into, reused next call (fresh memory costs a page fault per page).
+
+    A file on object storage is fetched whole in one request first: h5py holds its lock through every read
+    of a file object, so reading it block by block through h5py would let only one thread wait on the network."""
+    path = remote.location(path)
+    blob = remote.read_bytes(path) if remote.is_remote(path) else None
     try:
-        with h5py.File(path, "r") as f:
+        with h5py.File(path if blob is None else io.BytesIO(blob), "r") as f:
             datasets = {key: _checked_dataset(f, key, n, path, geometry) for key, n in KEYS.items()}
             shapes = {key: (geometry.height, geometry.width, n) for key, n in KEYS.items()}
             direct = {key: ds.id.get_offset() for key, ds in datasets.items()
@@ -150,9 +159,12 @@ def read_arrays(path: str | os.PathLike, geometry: Geometry = Geometry(),
             direct = {key: offset for key, offset in direct.items() if offset is not None}
             arrays = {key: ds[()].reshape(shapes[key]) for key, ds in datasets.items() if key not in direct}
             dtypes = {key: datasets[key].dtype for key in direct}
-        with open(path, "rb", buffering=0) as raw:
-            for key, offset in direct.items():
-                arrays[key] = _read_at(raw.fileno(), offset, _buffer(buffers, key, shapes[key], dtypes[key]), path)
+        outs = {key: _buffer(buffers, key, shapes[key], dtypes[key]) for key in direct}
+        if blob is not None:
+            arrays.update({key: _copy_at(blob, offset, outs[key], path) for key, offset in direct.items()})
+        elif direct:
+            with open(path, "rb", buffering=0) as raw:
+                arrays.update({key: _read_at(raw.fileno(), offset, outs[key], path) for key, offset in direct.items()})
     except DataError:
         raise
     except (OSError, RuntimeError, ValueError, TypeError) as e:
@@ -180,6 +192,27 @@ def _read_at(fd: int, offset: int, out: np.ndarray, path: Path) -> np.ndarray:
                             "re-download the file, or pass --skip-bad")
         done += n
     return out
+
+
+def _copy_at(blob: bytes, offset: int, out: np.ndarray, path) -> np.ndarray:
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    if offset + len(view) > len(blob):
+        raise DataError(f"{path}: truncated (a dataset ends past the end of the file)",
+                        "replace the object, or pass --skip-bad")
+    view[:] = memoryview(blob)[offset:offset + len(view)]
+    return out
+
+
+@contextlib.contextmanager
+def open_hdf5(path):
+    """``h5py.File`` of a local file, or of an object through a read-ahead file object."""
+    path = remote.location(path)
+    if not remote.is_remote(path):
+        with h5py.File(path, "r") as f:
+            yield f
+        return
+    with remote.errors(path), remote.open_file(path) as raw, h5py.File(raw, "r") as f:
+        yield f
 
 
 def all_finite(arrays: dict[str, np.ndarray]) -> bool:
@@ -276,9 +309,11 @@ class FileCheck:
 def check_file(path: Path, split: str, geometry: Geometry, min_finite_fraction: float) -> FileCheck:
     check = FileCheck(path, split, day_or_night(path))
     try:
-        with h5py.File(path, "r") as f:
+        with open_hdf5(path) as f:
             check.dtypes = {k: str(f[k].dtype) for k in KEYS if k in f and isinstance(f[k], h5py.Dataset)}
         sample = read_sample(path, geometry, min_finite_fraction)
+    except remote.StorageError:
+        raise
     except DataError as e:
         check.problem = str(e.message).removeprefix(f"{path}: ")
         return check
@@ -309,7 +344,7 @@ class VerifyReport:
 def verify(root: str | os.PathLike, geometry: Geometry = Geometry(), min_finite_fraction: float = 0.5,
            jobs: int | None = None, progress=None) -> VerifyReport:
     """Check every file of a dataset root (both splits) in parallel worker processes."""
-    layout = resolve_layout(str(root), need_train=False, need_test=False)
+    layout = resolve_layout(root, need_train=False, need_test=False)
     todo = []
     for split, directory in (("train", layout.train_dir), ("test", layout.test_dir)):
         if directory is not None and directory.is_dir():
@@ -319,7 +354,10 @@ def verify(root: str | os.PathLike, geometry: Geometry = Geometry(), min_finite_
                         "the dataset is empty; download or synthesize it first")
     jobs = jobs or min(4, os.cpu_count() or 1)
     checks: list[FileCheck] = []
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
+    # objects: threads (the work is waiting on the network, and forked children would share fsspec's event loop)
+    on_store = remote.is_remote(todo[0][0])
+    pool_type = concurrent.futures.ThreadPoolExecutor if on_store else concurrent.futures.ProcessPoolExecutor
+    with pool_type(max_workers=jobs * 4 if on_store else jobs) as pool:
         futures = [pool.submit(check_file, p, split, geometry, min_finite_fraction) for p, split in todo]
         for i, fut in enumerate(futures, 1):
             checks.append(fut.result())
@@ -333,14 +371,14 @@ def verify(root: str | os.PathLike, geometry: Geometry = Geometry(), min_finite_
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with remote.errors(path), path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
 
 
 def dataset_files(root: Path) -> list[Path]:
-    layout = resolve_layout(str(root), need_train=False, need_test=False)
+    layout = resolve_layout(root, need_train=False, need_test=False)
     files = []
     for d in (layout.train_dir, layout.test_dir):
         if d is not None and d.is_dir():
@@ -357,7 +395,10 @@ def hash_files(root: Path, files: list[Path], jobs: int = 4) -> dict[str, str]:
 
 def write_manifest(root: str | os.PathLike, jobs: int = 4) -> Path:
     """Write ``MANIFEST.sha256`` (``sha256sum -c`` format) atomically; return its path."""
-    root = Path(root)
+    root = remote.location(root)
+    if remote.is_remote(root):
+        raise DataError(f"{root}: a manifest is written beside a local copy, not into object storage",
+                        "verify with --check-manifest against the bucket's manifest, or write it on a copy")
     digests = hash_files(root, dataset_files(root), jobs)
     return fileio.write_text(root / MANIFEST_NAME, "".join(f"{d}  {rel}\n" for rel, d in digests.items()))
 
@@ -387,7 +428,7 @@ class ManifestCheck:
 
 
 def check_manifest(root: str | os.PathLike, jobs: int = 4) -> ManifestCheck:
-    root = Path(root)
+    root = remote.location(root)
     manifest = root / MANIFEST_NAME
     if not manifest.is_file():
         raise DataError(f"{manifest}: no manifest", "create one with `cloudmask data verify DIR --write-manifest`")
@@ -403,8 +444,9 @@ def check_manifest(root: str | os.PathLike, jobs: int = 4) -> ManifestCheck:
 
 def manifest_digest(root: str | os.PathLike) -> str | None:
     """sha256 of the dataset's manifest file, the dataset's identity in provenance records."""
-    path = Path(root) / MANIFEST_NAME
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    path = remote.location(root) / MANIFEST_NAME
+    with remote.errors(path):
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
 # ------------------------------------------------------------------------------------------------ staging
@@ -441,7 +483,8 @@ def stage(layout: Layout, dest: str | os.PathLike) -> tuple[Layout, Staging]:
             files += 1
             size += f.stat().st_size
             try:
-                copied += fileio.copy_if_changed(f, target)
+                with remote.errors(f):
+                    copied += fileio.copy_if_changed(f, target)
             except OSError as e:
                 raise DataError(f"{target}: cannot stage the dataset there ({e.strerror or e})",
                                 "free space on the node-local disk or stage elsewhere (--stage-to DIR)") from None
@@ -449,5 +492,5 @@ def stage(layout: Layout, dest: str | os.PathLike) -> tuple[Layout, Staging]:
     if layout.naming != "explicit" and layout.train_dir is not None:
         manifest = layout.train_dir.parent / MANIFEST_NAME
         if manifest.is_file():
-            shutil.copy2(manifest, dest / MANIFEST_NAME)
+            fileio.copy_if_changed(manifest, dest / MANIFEST_NAME)
     return Layout(staged[0], staged[1], layout.naming), Staging(dest, files, copied, size, time.perf_counter() - t0)

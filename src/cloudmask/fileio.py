@@ -77,7 +77,8 @@ def atomic_dir(target: str | os.PathLike):
 
 def copy_if_changed(src: Path, dst: Path) -> bool:
     """Copy ``src`` to ``dst`` (atomically, with its time stamp) unless ``dst`` already has the same size and
-    modification time; True if it copied. Staging uses it so a repeated stage copies nothing."""
+    modification time; True if it copied. Staging uses it so a repeated stage copies nothing. ``src`` may be an
+    object-storage path (remote.py): it is downloaded."""
     st = src.stat()
     if dst.is_file():
         have = dst.stat()
@@ -85,7 +86,11 @@ def copy_if_changed(src: Path, dst: Path) -> bool:
             return False
     dst.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(dst) as tmp:
-        shutil.copy2(src, tmp)
+        if isinstance(src, Path):
+            shutil.copy2(src, tmp)
+        else:
+            src.fs.get_file(src.path, str(tmp))
+            os.utime(tmp, ns=(st.st_mtime_ns, st.st_mtime_ns))
     return True
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import cache, data, fileio, pipeline, runtime, store
+from . import cache, data, fileio, pipeline, remote, runtime, store
 from .batches import BatchStream
 from .evaluate import TestImages
 from .preprocess import Geometry
@@ -73,7 +73,7 @@ def open_inputs(cfg, start_epoch: int = 0, shard: tuple[int, int] = (0, 1), stag
 def _from_store(cfg, start_epoch: int, shard: tuple[int, int], stage_to, staged) -> RunInputs:
     """Streams over a patch store (split and screened when it was prepared); with ``shard`` each worker reads
     only its rows of every batch."""
-    path = Path(cfg.data.store).expanduser()
+    path = remote.location(cfg.data.store)
     if stage_to:
         path = staged(lambda: store.stage(store.open_store(path, cfg).path, stage_to))
     st = store.open_store(path, cfg)

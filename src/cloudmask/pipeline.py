@@ -17,7 +17,7 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from . import data, preprocess
+from . import data, preprocess, remote
 from .batches import BatchOrder, BatchStream, PatchReader
 from .cache import SplitCache
 from .errors import DataError
@@ -68,7 +68,7 @@ def _buffers() -> dict:
 def quick_check(path: Path, geometry: Geometry) -> str | None:
     """Header-only check (keys, shapes, dtypes) so a bad file is found before training starts, in milliseconds."""
     try:
-        with h5py.File(path, "r") as f:
+        with data.open_hdf5(path) as f:
             for key, channels in data.KEYS.items():
                 if key not in f or not isinstance(f[key], h5py.Dataset):
                     return f"missing dataset '{key}'"
@@ -130,7 +130,7 @@ class RawFiles:
         except DataError as e:
             if self.cache is not None:
                 self.cache.abandon(f"{path} is bad")
-            if not self.skip_bad:
+            if not self.skip_bad or isinstance(e, remote.StorageError):  # the store failed, not the file
                 raise
             self.bad[path] = e.message
             log.warning("skipping bad %s file: %s", self.what, e)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 
-from . import __version__, energy_sources
+from . import __version__, energy_sources, remote
 from .runtime import cpu_model
 
 
@@ -128,7 +128,7 @@ def collect_manifest(cfg, dataset_root: Path | None, dataset_digest: str | None,
         "schema_version": 1,
         "cloudmask_version": __version__,
         "git": _git_revision(),
-        "command": sys.argv,
+        "command": [remote.redact(arg) for arg in sys.argv],
         "python": {"version": platform.python_version(), "executable": sys.executable},
         "packages": _package_versions(),
         "framework": framework_context(),

@@ -18,11 +18,16 @@ directory is built under a temporary name, so a half-written store is never used
 
 float16 keeps ~3 significant digits: the normalised inputs (about -3..3) change by at most ~1e-3, which moves
 training losses in the third or fourth decimal (tests/test_store.py states the tolerance).
+
+The same arrays can be written in Zarr v3 instead (``--format zarr``, zarr_arrays.py), on a local disk or on
+object storage (``s3://bucket/prefix``): then the store is read in place by every worker, and ``store.json``
+(``"arrays": "zarr"``) is still written last, so a store whose writing stopped is refused.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
@@ -32,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data, fileio, pipeline, preprocess
+from . import data, fileio, pipeline, preprocess, remote, zarr_arrays
 from .batches import BatchOrder, BatchStream, PatchReader
 from .errors import DataError
 from .evaluate import TestImages
@@ -44,6 +49,7 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 META = "store.json"
 ARRAYS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
+ARRAY_FORMATS = ("npy", "zarr")
 
 
 # ------------------------------------------------------------------------------------------------ prepare
@@ -58,23 +64,33 @@ def _geometry(meta: dict) -> Geometry:
     return Geometry(m["height"], m["width"], m["patch_size"], m["overlap"])
 
 
-def prepare(raw_root: str | os.PathLike, store_dir: str | os.PathLike, cfg, jobs: int = 2, progress=None) -> dict:
-    """Convert the dataset at ``raw_root`` into a store at ``store_dir`` (which must not exist)."""
-    store_dir = Path(store_dir)
-    if store_dir.exists():
-        raise DataError(f"{store_dir}: already exists", "choose a new store directory (stores are never overwritten)")
+def prepare(raw_root: str | os.PathLike, store_dir: str | os.PathLike, cfg, jobs: int = 2, progress=None,
+            array_format: str = "auto") -> dict:
+    """Convert the dataset at ``raw_root`` into a store at ``store_dir`` (which must not exist). ``array_format``:
+    npy | zarr | auto (zarr on object storage, npy on a file system: the faster there, docs/performance.md)."""
+    store_dir = remote.location(store_dir)
+    if array_format == "auto":
+        array_format = "zarr" if remote.is_remote(store_dir) else "npy"
+    if array_format == "npy" and remote.is_remote(store_dir):
+        raise DataError(f"{store_dir}: an .npy store needs a file system", "use --format zarr for object storage")
+    with remote.errors(store_dir):
+        if store_dir.exists():
+            raise DataError(f"{store_dir}: already exists",
+                            "choose a new store directory (stores are never overwritten)")
     g = Geometry.from_config(cfg)
-    layout = data.resolve_layout(str(raw_root))
+    layout = data.resolve_layout(raw_root)
     train_files, val_files = data.split_files(data.find_files(layout.train_dir), cfg.data.train_split,
                                               cfg.data.split_seed)
     splits = {"train": train_files, "val": val_files, "test": data.find_files(layout.test_dir)}
     for what, group in zip(("training", "validation", "test"), splits.values()):
         pipeline.screen_files(group, g, skip_bad=False, what=what)
     t0 = time.perf_counter()
+    if remote.is_remote(store_dir):
+        return _prepare_in_place(store_dir, splits, g, cfg, raw_root, layout, jobs, progress, t0)
     try:
         with fileio.atomic_dir(store_dir) as tmp:
-            counts = _convert(splits, g, cfg, tmp, jobs, progress)
-            meta = _metadata(cfg, g, raw_root, layout, splits, counts, time.perf_counter() - t0)
+            counts = _convert(splits, g, cfg, tmp, jobs, progress, array_format)
+            meta = _metadata(cfg, g, raw_root, layout, splits, counts, time.perf_counter() - t0, array_format)
             fileio.write_json(tmp / META, meta)  # last: a store without it is never opened
     except FileExistsError:
         raise DataError(f"{store_dir}: appeared while it was being prepared",
@@ -82,7 +98,23 @@ def prepare(raw_root: str | os.PathLike, store_dir: str | os.PathLike, cfg, jobs
     return meta
 
 
-def _convert(splits: dict[str, list[Path]], g: Geometry, cfg, out: Path, jobs: int, progress) -> dict[str, int]:
+def _prepare_in_place(store_dir, splits, g: Geometry, cfg, raw_root, layout, jobs: int, progress, t0) -> dict:
+    """Object storage has no rename: the arrays are written where they stay and ``store.json`` is put last, as
+    one object, so a reader sees either no store or a whole one. A failed write removes what it wrote."""
+    try:
+        counts = _convert(splits, g, cfg, store_dir, jobs, progress, "zarr")
+        meta = _metadata(cfg, g, raw_root, layout, splits, counts, time.perf_counter() - t0, "zarr")
+        with remote.errors(store_dir):
+            (store_dir / META).write_text(json.dumps(meta, indent=2))
+    except BaseException:
+        with contextlib.suppress(Exception):
+            store_dir.fs.rm(store_dir.path, recursive=True)
+        raise
+    return meta
+
+
+def _convert(splits: dict[str, list[Path]], g: Geometry, cfg, out: Path, jobs: int, progress,
+             array_format: str) -> dict[str, int]:
     """Every file of every split into ``out``'s arrays, ``jobs`` files at a time; the arrays' row counts."""
     per = g.patches_per_train_image
     rows = {"train": len(splits["train"]) * per, "val": len(splits["val"]) * per, "test": len(splits["test"])}
@@ -92,8 +124,11 @@ def _convert(splits: dict[str, list[Path]], g: Geometry, cfg, out: Path, jobs: i
               "val_y": ((rows["val"], g.patch, g.patch, 1), np.uint8),
               "test_x": ((rows["test"], g.height, g.width, N_CHANNELS), np.float16),
               "test_y": ((rows["test"], g.height, g.width), np.uint8)}
-    arrays = {k: np.lib.format.open_memmap(out / f"{k}.npy", "w+", dtype, shape) for k, (shape, dtype) in
-              shapes.items()}
+    if array_format == "zarr":  # one shard per source file (zarr_arrays.py)
+        arrays = zarr_arrays.create(out, shapes, {k: 1 if k.startswith("test") else per for k in shapes})
+    else:
+        arrays = {k: np.lib.format.open_memmap(out / f"{k}.npy", "w+", dtype, shape) for k, (shape, dtype) in
+                  shapes.items()}
     jobs_list = [(split, i, path) for split, files in splits.items() for i, path in enumerate(files)]
 
     def convert(job):  # the raw pipeline's own loaders, so a store holds what streaming would train on
@@ -112,18 +147,22 @@ def _convert(splits: dict[str, list[Path]], g: Geometry, cfg, out: Path, jobs: i
             if progress:
                 progress(n, len(jobs_list))
     for a in arrays.values():
-        a.flush()
+        if hasattr(a, "flush"):
+            a.flush()
     return {f"{split}_x": n for split, n in rows.items()}
 
 
-def _metadata(cfg, g: Geometry, raw_root, layout, splits: dict[str, list[Path]], counts: dict, seconds: float) -> dict:
+def _metadata(cfg, g: Geometry, raw_root, layout, splits: dict[str, list[Path]], counts: dict, seconds: float,
+              array_format: str) -> dict:
     train_root = layout.train_dir.parent if layout.naming != "explicit" else None
+    raw_root = remote.location(raw_root)
     relative = {"train": layout.train_dir, "val": layout.train_dir, "test": layout.test_dir}
-    return {"format": FORMAT, "normalisation": cfg.data.normalisation, "dtype": "float16",
+    return {"format": FORMAT, "arrays": array_format, "normalisation": cfg.data.normalisation, "dtype": "float16",
             "geometry": _geometry_dict(g),
             "split": {"train_split": cfg.data.train_split, "split_seed": cfg.data.split_seed},
             "min_finite_fraction": cfg.data.min_finite_fraction,
-            "source": {"root": str(Path(raw_root).resolve()), "naming": layout.naming,
+            "source": {"root": str(raw_root if remote.is_remote(raw_root) else raw_root.resolve()),
+                       "naming": layout.naming,
                        "manifest_sha256": data.manifest_digest(train_root) if train_root else None},
             "files": {split: [p.relative_to(relative[split]).as_posix() for p in files]
                       for split, files in splits.items()},
@@ -137,6 +176,8 @@ def replicate(src: str | os.PathLike, dst: str | os.PathLike, n_files: dict[str,
     Copies are named ``<stem>-copyNNNN<suffix>`` so masks and logs stay one per file."""
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     meta = _load_meta(src)
+    if _array_format(meta) != "npy":
+        raise DataError(f"{src}: replicate copies .npy stores", "prepare the source with --format npy")
     if dst.exists():
         raise DataError(f"{dst}: already exists", "choose a new store directory (stores are never overwritten)")
     for split in n_files:
@@ -184,34 +225,59 @@ def _copies(names: list[str], n: int | None) -> list[str]:
 
 @dataclass
 class Store:
-    path: Path
+    path: Path  # or a remote path (remote.py)
     meta: dict
+    _zarr: dict | None = None
 
-    def array(self, name: str) -> RowFile:
+    @property
+    def array_format(self) -> str:
+        return _array_format(self.meta)
+
+    def array(self, name: str):
+        """Array ``name`` by row: a rows.RowFile (.npy) or a zarr_arrays.ZarrRows."""
+        if self.array_format == "zarr":
+            if self._zarr is None:
+                self._zarr = zarr_arrays.open_arrays(self.path, ARRAYS, self.row_counts())
+            return self._zarr[name]
         return RowFile.open(self.path / f"{name}.npy", fix="copy or prepare the store again")
+
+    def row_counts(self) -> dict[str, int]:
+        g = _geometry(self.meta)
+        per = {"train": g.patches_per_train_image, "val": g.patches_per_train_image, "test": 1}
+        return {f"{split}_{part}": len(names) * per[split] for split, names in self.meta["files"].items()
+                for part in ("x", "y")}
 
     def files(self, split: str) -> list[str]:
         return list(self.meta["files"][split])
 
 
+def _array_format(meta: dict) -> str:
+    return meta.get("arrays", "npy")  # stores written before Zarr existed hold .npy arrays
+
+
 def _load_meta(path: Path) -> dict:
     meta_file = path / META
-    if not meta_file.is_file():
-        hint = "it is incomplete: prepare it again" if path.is_dir() else "check the path"
-        raise DataError(f"{path}: not a patch store (no {META})", f"{hint} (`cloudmask data prepare RAW STORE`)")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{meta_file}: unreadable ({e})", "prepare the store again") from None
-    if meta.get("format") != FORMAT:
-        raise DataError(f"{path}: store format {meta.get('format')}, this version reads {FORMAT}",
-                        "prepare the store again with this version")
+    with remote.errors(path):
+        found = meta_file.is_file()
+        if not found:
+            hint = "it is incomplete: prepare it again" if path.is_dir() else "check the path"
+            raise DataError(f"{path}: not a patch store (no {META})",
+                            f"{hint} (`cloudmask data prepare RAW STORE`)")
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, ValueError) as e:
+            if isinstance(e, OSError) and remote.is_remote(path):
+                raise  # said by remote.errors
+            raise DataError(f"{meta_file}: unreadable ({e})", "prepare the store again") from None
+    if meta.get("format") != FORMAT or _array_format(meta) not in ARRAY_FORMATS:
+        raise DataError(f"{path}: store format {meta.get('format')} ({_array_format(meta)} arrays), this version "
+                        f"reads {FORMAT} (.npy or Zarr)", "prepare the store again with this version")
     return meta
 
 
 def open_store(path: str | os.PathLike, cfg) -> Store:
     """Open a store and check it matches the run's config (geometry, normalisation, split)."""
-    path = Path(path).expanduser()
+    path = remote.location(path)
     meta = _load_meta(path)
     g = Geometry.from_config(cfg)
     wanted = {"normalisation": cfg.data.normalisation,
@@ -222,6 +288,9 @@ def open_store(path: str | os.PathLike, cfg) -> Store:
             raise DataError(f"{path}: prepared with {key} {meta.get(key)}, the config asks for {value}",
                             "prepare a store with this config, or train from the raw files")
     store = Store(path, meta)
+    if store.array_format == "zarr":
+        store.array("train_x")  # opens and checks every array
+        return store
     for name in ARRAYS:
         if not (path / f"{name}.npy").is_file():
             raise DataError(f"{path / (name + '.npy')}: missing", "copy or prepare the store again")
@@ -230,6 +299,23 @@ def open_store(path: str | os.PathLike, cfg) -> Store:
 
 
 # ------------------------------------------------------------------------------------------------ reading
+
+
+_kvikio_said: set = set()
+
+
+def _kvikio_usable(store: Store) -> bool:
+    """Whether a Zarr store is read through kvikIO; the reason why not is logged once per store."""
+    import keras
+
+    reason = zarr_arrays.kvikio_reason(store.path, keras.config.backend())
+    if str(store.path) not in _kvikio_said:
+        _kvikio_said.add(str(store.path))
+        if reason:
+            log.info("Zarr store read through the CPU: %s", reason)
+        else:
+            log.info("Zarr store read with kvikIO into GPU memory")
+    return reason is None
 
 
 class StoreSplit:
@@ -245,6 +331,9 @@ class StoreSplit:
         self.read_threads, self.resident, self.what = read_threads, resident, split
         self._host = None
         self._device = None
+        self.on_device = store.array_format == "zarr" and resident == "none" and _kvikio_usable(store)
+        if self.on_device:
+            self.x, self.y = (zarr_arrays.DeviceRows.open(store.path, f"{split}_{p}") for p in ("x", "y"))
         if resident in ("host", "device"):
             every = np.arange(len(self.x))
             self._host = (self.x.read(every), self.y.read(every))
@@ -279,6 +368,10 @@ class _StoreReader(PatchReader):
             return keras.ops.take(x, rows, axis=0), keras.ops.cast(keras.ops.take(y, rows, axis=0), "float32")
         if src.resident == "host":
             return src._host[0][rows], src._host[1][rows].astype(np.float32)
+        if src.on_device:  # kvikIO: straight into GPU memory
+            import keras
+
+            return src.x.read(rows), keras.ops.cast(src.y.read(rows), "float32")
         x, y = read_batch([src.x, src.y], rows, self.pool, src.read_threads)  # the threads read parts at once
         return x, y.astype(np.float32)
 
@@ -317,16 +410,20 @@ def test_images(store: Store) -> TestImages:
 
 
 def stage(path: Path, dest: str | os.PathLike) -> tuple[Path, "data.Staging"]:
-    """Copy a store to node-local disk (``dest``/<store name>), keeping files already there with the same size
-    and time stamp; ``store.json`` is copied last, so an interrupted copy is never opened as a store."""
+    """Copy a store (from a file system or object storage) to node-local disk (``dest``/<store name>), keeping
+    files already there with the same size and time stamp; ``store.json`` is copied last, so an interrupted
+    copy is never opened as a store."""
     t0 = time.perf_counter()
     target = Path(dest).expanduser() / path.name
     files = copied = size = 0
+    with remote.errors(path):
+        names = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() and p.name != META]
     try:
-        for name in [f"{a}.npy" for a in ARRAYS] + [META]:
+        for name in sorted(names) + [META]:
             files += 1
-            size += (path / name).stat().st_size
-            copied += fileio.copy_if_changed(path / name, target / name)
+            with remote.errors(path / name):
+                size += (path / name).stat().st_size
+                copied += fileio.copy_if_changed(path / name, target / name)
     except OSError as e:
         raise DataError(f"{target}: cannot stage the store there ({e.strerror or e})",
                         "free space on the node-local disk or stage elsewhere (--stage-to DIR)") from None
