@@ -77,10 +77,10 @@ def run_store(store_dir: str, threads: int) -> dict:
 
 
 def run_streaming(files: list[str], cache_dir: str | None, threads: int) -> dict:
-    from cloudmask import cache, pipeline
+    from cloudmask import cache, pipeline, remote
     from cloudmask.preprocess import Geometry
 
-    paths = [Path(f) for f in files]
+    paths = [remote.location(f) for f in files]  # local paths or s3:// URLs (compare_storage.py)
     entry = cache.SplitCache(Path(cache_dir), paths, "patches", Geometry(), "fixed", 0.5, "training") \
         if cache_dir else None
     stream = pipeline.PatchStream(paths, Geometry(), "fixed", BATCH, seed=1, shuffle=True, read_threads=threads,

@@ -62,14 +62,14 @@ def data_synth(args) -> int:
 
 
 def data_verify(args) -> int:
-    from . import data, remote
+    from . import data, manifest, remote
     from .preprocess import Geometry
     from .tables import text_table
 
     cfg = _config(args)
     root = remote.location(args.dir)
     if args.check_manifest:
-        result = data.check_manifest(root, jobs=args.jobs or 4)
+        result = manifest.check_manifest(root, jobs=args.jobs or 4)
         for rel in result.missing:
             print(f"MISSING  {rel}")
         for rel in result.changed:
@@ -103,7 +103,7 @@ def data_verify(args) -> int:
             raise CloudmaskError(message, "re-download them, remove them, or pass --skip-bad to carry on without")
         print(f"warning: {message}; continuing because of --skip-bad", file=sys.stderr)
     if args.write_manifest:
-        path = data.write_manifest(root, jobs=args.jobs or 4)
+        path = manifest.write_manifest(root, jobs=args.jobs or 4)
         print(f"wrote {path}")
     print(f"ok: {len(report.checks) - len(report.bad)} good files")
     return 0

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import cache, data, fileio, pipeline, remote, runtime, store
+from . import cache, data, fileio, manifest, pipeline, remote, runtime, store
 from .batches import BatchStream
 from .evaluate import TestImages
 from .preprocess import Geometry
@@ -117,7 +117,7 @@ def _from_raw(cfg, start_epoch: int, stage_to, staged) -> RunInputs:
     test = raw_test_images(cfg, layout.test_dir, test_files)
     caches["test"] = test.cache
     return RunInputs(train_files, val_files, train, val, test, "streaming-hdf5", layout.naming, root,
-                     data.manifest_digest(root) if root else None, facts,
+                     manifest.manifest_digest(root) if root else None, facts,
                      {k: c for k, c in caches.items() if c is not None}, threads)
 
 

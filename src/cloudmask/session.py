@@ -28,7 +28,7 @@ from types import SimpleNamespace
 
 from mlperf_logging.mllog import constants as C
 
-from . import __version__, cluster as cluster_lib, console, data, distribution, evaluate, inputs, runtime
+from . import __version__, cluster as cluster_lib, console, data, distribution, evaluate, inputs, manifest, runtime
 from .config import Config, flatten, load_config
 from .doctor import preflight
 from .energy import combine_energy, merge_energy
@@ -213,7 +213,7 @@ class RunSession:
         """The test images alone (inference of a trained model), and the manifest."""
         images = inputs.raw_test_images(self.cfg, test_dir, _test_files(test_dir, self.cfg.infer.max_files))
         self.inputs = SimpleNamespace(test=images, close=images.close)
-        self.tel.write_manifest(test_dir.parent, data.manifest_digest(test_dir.parent),
+        self.tel.write_manifest(test_dir.parent, manifest.manifest_digest(test_dir.parent),
                                 {"test_dir": str(test_dir), "test_files": len(images.files)})
 
     def _announce(self) -> None:

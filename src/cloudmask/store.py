@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data, fileio, pipeline, preprocess, remote, zarr_arrays
+from . import data, fileio, manifest, pipeline, preprocess, remote, zarr_arrays
 from .batches import BatchOrder, BatchStream, PatchReader
 from .errors import DataError
 from .evaluate import TestImages
@@ -163,7 +163,7 @@ def _metadata(cfg, g: Geometry, raw_root, layout, splits: dict[str, list[Path]],
             "min_finite_fraction": cfg.data.min_finite_fraction,
             "source": {"root": str(raw_root if remote.is_remote(raw_root) else raw_root.resolve()),
                        "naming": layout.naming,
-                       "manifest_sha256": data.manifest_digest(train_root) if train_root else None},
+                       "manifest_sha256": manifest.manifest_digest(train_root) if train_root else None},
             "files": {split: [p.relative_to(relative[split]).as_posix() for p in files]
                       for split, files in splits.items()},
             "counts": counts,

@@ -75,6 +75,18 @@ def open_arrays(path, names, counts: dict[str, int]) -> dict[str, "ZarrRows"]:
     return out
 
 
+async def _rows(array, rows: np.ndarray) -> list:
+    import asyncio
+
+    return await asyncio.gather(*(array.getitem(int(r)) for r in rows))
+
+
+def _sync(coroutine):
+    from zarr.core.sync import sync  # the loop the store's async I/O (fsspec, local files) is bound to
+
+    return sync(coroutine)
+
+
 class ZarrRows:
     """A Zarr array addressed by row, with the interface of rows.RowFile (read, len, shape, dtype, close)."""
 
@@ -86,13 +98,15 @@ class ZarrRows:
         return self.shape[0]
 
     def read(self, rows, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows ``rows`` (any order, repeats allowed); zarr fetches their chunks concurrently."""
+        """Rows ``rows`` (any order, repeats allowed), one chunk request each, all in flight at once on zarr's
+        event loop. (An orthogonal selection over a sharded array decodes far more than it returns: ~50x slower
+        for a batch of 32 here.)"""
         rows = np.asarray(rows, dtype=np.int64)
-        with remote.errors(self.where):
-            values = self.array.get_orthogonal_selection((rows,))
         if out is None:
-            return values
-        out[...] = values
+            out = np.empty((len(rows), *self.shape[1:]), self.dtype)
+        with remote.errors(self.where):
+            for i, value in enumerate(_sync(_rows(self.array.async_array, rows))):
+                out[i] = value
         return out
 
     def close(self) -> None:
@@ -132,5 +146,7 @@ class DeviceRows(ZarrRows):
     def read(self, rows, out=None):
         import jax
 
-        values = self.array.get_orthogonal_selection((np.asarray(rows, dtype=np.int64),))
+        import cupy
+
+        values = cupy.stack(_sync(_rows(self.array.async_array, np.asarray(rows, dtype=np.int64))))
         return jax.dlpack.from_dlpack(values)
