@@ -131,6 +131,7 @@ BUILD = textwrap.dedent("""
     it = iter(stream)
     for _ in range(stream.steps * 2):
         next(it)
+    entry.wait()  # publishing (fsync, rename) runs in the background; a loaded machine can still be in it
     print("END", entry.state, flush=True)
     stream.close()
 """)
