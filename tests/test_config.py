@@ -40,9 +40,12 @@ def test_a_bare_off_is_the_word_off(tmp_path):
     # YAML 1.1 reads `off` as false: `--set output.progress=off` (what infer -q passes) and a file's `progress: off`
     # both mean the choice "off"
     path = tmp_path / "c.yaml"
-    path.write_text("output:\n  progress: off\n")
-    assert load_config(str(path)).output.progress == "off"
+    path.write_text("output:\n  progress: off\ndata:\n  cache: off\n")
+    from_file = load_config(str(path))
+    assert (from_file.output.progress, from_file.data.cache) == ("off", "off")
     assert load_config(overrides=["output.progress=off"]).output.progress == "off"
+    assert load_config(overrides=["data.cache=off"]).data.cache == "off"
+    assert "cache: 'off'" in load_config(overrides=["data.cache=off"]).to_yaml()  # saved as the word
 
 
 @pytest.mark.parametrize("override, needle", [

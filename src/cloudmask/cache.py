@@ -44,10 +44,10 @@ ENTRY = "entry.json"
 REMOVE_ENTRY = "remove the patch cache entry (the next run builds it again) or set data.cache=off"
 
 
-def cache_root(setting: str | bool) -> Path | None:
+def cache_root(setting: str) -> Path | None:
     """Where ``data.cache`` puts entries: None for ``off``; ``auto`` is $CLOUDMASK_CACHE_DIR, else node-local
     scratch in a SLURM job ($SLURM_TMPDIR, $TMPDIR or /tmp), else $XDG_CACHE_HOME (~/.cache); else the path."""
-    if setting in ("off", False):  # YAML reads a bare `off` as false
+    if setting == "off":  # (a bare `off` in YAML, read as false, is made "off" by config.py)
         return None
     if setting != "auto":
         return Path(setting).expanduser()

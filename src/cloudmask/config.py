@@ -107,7 +107,7 @@ def _auto_or(rule: Rule) -> Rule:
 
 
 DATA_LOCATIONS = ("root", "train_dir", "test_dir", "store")
-WORD_OFF = ("output.progress",)  # choices that include the word off
+WORD_OFF = ("output.progress", "data.cache")  # settings that take the word off
 
 RULES: dict[str, Rule] = {
     "seed": _int(0, 2**31 - 1),
@@ -120,8 +120,8 @@ RULES: dict[str, Rule] = {
     "data.min_finite_fraction": _float(0.0, 1.0),
     "data.skip_bad": _bool(),
     "data.read_threads": _auto_or(_int(1, 64)),
-    "data.cache": Rule("auto | off | a directory", lambda v: None if v is False or isinstance(v, str) and v.strip()
-                       else "must be auto, off or a directory"),  # YAML reads a bare off as false
+    "data.cache": Rule("auto | off | a directory", lambda v: None if isinstance(v, str) and v.strip()
+                       else "must be auto, off or a directory"),
     "data.store": _text(optional=True),
     "data.resident": _choice("none", "host", "device"),
     "data.remote.anonymous": Rule("auto | true | false", lambda v: None if v in ("auto", True, False)

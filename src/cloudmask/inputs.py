@@ -55,7 +55,7 @@ def check(cfg) -> None:
         store.open_store(cfg.data.store, cfg)
         return
     data.resolve_layout(cfg.data.root, cfg.data.train_dir, cfg.data.test_dir, need_test=cfg.infer.enabled)
-    if cfg.data.cache not in ("auto", "off", False):  # asked for by name: a directory that cannot be made is an error
+    if cfg.data.cache not in ("auto", "off"):  # asked for by name: a directory that cannot be made is an error
         root = cache.cache_root(cfg.data.cache)
         with fileio.writing(root):
             root.mkdir(parents=True, exist_ok=True)

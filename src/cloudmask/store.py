@@ -242,10 +242,8 @@ class Store:
         return RowFile.open(self.path / f"{name}.npy", fix="copy or prepare the store again")
 
     def row_counts(self) -> dict[str, int]:
-        g = _geometry(self.meta)
-        per = {"train": g.patches_per_train_image, "val": g.patches_per_train_image, "test": 1}
-        return {f"{split}_{part}": len(names) * per[split] for split, names in self.meta["files"].items()
-                for part in ("x", "y")}
+        """Rows of every array: store.json's counts (of the x arrays; each y has as many)."""
+        return {name: self.meta["counts"][name[:-1] + "x"] for name in ARRAYS}
 
     def files(self, split: str) -> list[str]:
         return list(self.meta["files"][split])
