@@ -2,7 +2,9 @@
 # The installation steps of the cloudmask image: the one list both recipes run (containers/Dockerfile and
 # containers/cloudmask.def), so Docker and Apptainer images install exactly the same things.
 #
-#   bash install.sh SOURCE_DIR      (SOURCE_DIR holds pyproject.toml, VERSION, README.md, src/)
+#   bash install.sh SOURCE_DIR [EXTRAS]   (SOURCE_DIR holds pyproject.toml, VERSION, README.md, src/;
+#                                          EXTRAS: the package's extras, default "report"; "report,cloud" adds
+#                                          s3:// data and Zarr stores)
 #
 # Installs cloudmask into the image's Python without replacing anything the image already has: every installed
 # package is pinned by a constraints file, so pip can add packages but never swap the image's TensorFlow,
@@ -11,7 +13,8 @@
 # reports a problem the base image did not already have, or if cloudmask cannot import its backend.
 set -euo pipefail
 
-src=${1:?usage: install.sh SOURCE_DIR}
+src=${1:?usage: install.sh SOURCE_DIR [EXTRAS]}
+extras=${2:-report}
 py=${PYTHON:-python3}
 [ -n "${PIP_CERT:-}" ] || unset PIP_CERT  # an empty value would be read as a certificate path
 work=$(mktemp -d)
@@ -21,7 +24,7 @@ pip list --format=freeze | grep -E '^[A-Za-z0-9_.-]+==' | sort > "$work/before.t
 grep -viE '^keras==' "$work/before.txt" > "$work/constraints.txt" || true
 pip check > "$work/check-before.txt" 2>&1 || true
 
-pip install --no-cache-dir --constraint "$work/constraints.txt" "${src}[report]"
+pip install --no-cache-dir --constraint "$work/constraints.txt" "${src}[${extras}]"
 
 pip list --format=freeze | grep -E '^[A-Za-z0-9_.-]+==' | sort > "$work/after.txt"
 changed=$(comm -23 "$work/before.txt" "$work/after.txt" | grep -viE '^keras==' || true)

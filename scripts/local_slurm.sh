@@ -5,8 +5,10 @@
 #   scripts/local_slurm.sh stop DIR    stop both daemons by the PIDs in DIR
 #
 # Then: export SLURM_CONF=DIR/slurm.conf and use sbatch/squeue/scontrol as usual.
-# Needs root and Debian's slurm-wlm (apt-get install slurm-wlm). Authentication is auth/none, so no munged is
-# needed; never use this configuration on a shared machine. Ports: SLURMCTLD_PORT (6817), SLURMD_PORT (6818).
+# Needs root and Debian's slurm-wlm (apt-get install slurm-wlm). No munged: Slurm before 23.11 (Debian 12's
+# 22.05) uses auth/none, which runs every job as root; later releases use auth/slurm with a key written to
+# DIR/slurm.key, which runs jobs as the user who submitted them. Never use this configuration on a shared
+# machine. Ports: SLURMCTLD_PORT (6817), SLURMD_PORT (6818).
 set -euo pipefail
 
 usage() { echo "usage: $0 start|stop DIR" >&2; exit 2; }
@@ -36,13 +38,19 @@ start() {
     cpus=$(nproc)
     mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) * 8 / 10240 ))  # MB; leave room for the OS
     mkdir -p "$dir/state" "$dir/spool" "$dir/log"
+    local auth=none version
+    version=$(slurmctld -V | awk '{print $2}')  # "slurm 26.05.5"
+    if [ "$(printf '%s\n' "$version" 23.11 | sort -V | head -n 1)" = 23.11 ]; then
+        auth=slurm
+        [ -s "$dir/slurm.key" ] || { head -c 1024 /dev/urandom > "$dir/slurm.key"; chmod 600 "$dir/slurm.key"; }
+    fi
     cat > "$dir/slurm.conf" <<EOF
 ClusterName=cloudmask-local
 SlurmctldHost=localhost
 SlurmUser=root
 SlurmdUser=root
-AuthType=auth/none
-CredType=cred/none
+AuthType=auth/$auth
+CredType=cred/$auth
 # a requeued job restarts after cred_expire s (default 120); one started sooner is killed (credential revoked)
 AuthInfo=cred_expire=10
 SlurmctldPort=${SLURMCTLD_PORT:-6817}

@@ -57,13 +57,32 @@ def parse_dockerfile(text: str) -> list[tuple[str, str]]:
             if not m[0].lstrip().startswith("#")]
 
 
+def def_arguments(text: str) -> tuple[dict[str, str], set[str]]:
+    """The def's %arguments defaults and every {{ NAME }} it uses (apptainer build stops on one without a value)."""
+    _, sections = parse_def(text)
+    defaults = dict(line.split("=", 1) for line in sections.get("arguments", []))
+    return defaults, set(re.findall(r"{{\s*(\w+)\s*}}", text))
+
+
+def resolve_def(text: str) -> str:
+    """The def as `apptainer build` reads it with no --build-arg: the site build."""
+    defaults, _ = def_arguments(text)
+    return re.sub(r"{{\s*(\w+)\s*}}", lambda m: defaults[m[1]], text)
+
+
 def test_the_def_file_parses_and_matches_the_dockerfile():
-    header, sections = parse_def(DEF_FILE.read_text())
+    text = DEF_FILE.read_text()
+    defaults, used = def_arguments(text)
+    assert used <= set(defaults), f"template arguments without a default: {used - set(defaults)}"
+    header, sections = parse_def(resolve_def(text))
     instructions = parse_dockerfile(DOCKERFILE.read_text())
-    base_arg = next(v for k, v in instructions if k == "ARG" and v.startswith("BASE_IMAGE="))
+    docker_args = dict(v.split("=", 1) for k, v in instructions if k == "ARG" and "=" in v)
     assert header["bootstrap"] == "docker"
-    assert header["from"] == base_arg.split("=", 1)[1]  # the same pinned NGC tag
+    assert header["from"] == docker_args["BASE_IMAGE"]  # the same pinned NGC tag
     assert re.fullmatch(r"nvcr\.io/nvidia/tensorflow:\d\d\.\d\d-tf2-py3", header["from"])
+    # the same build arguments with the same defaults (the base is BASE_IMAGE in the Dockerfile)
+    for name in ("EXTRAS", "GIT_REVISION", "PIP_CERT"):
+        assert defaults[name] == docker_args[name], name
     # the same files copied to the same places ...
     def_files = {tuple(line.split()) for line in sections["files"]}
     docker_files = set()
@@ -75,13 +94,14 @@ def test_the_def_file_parses_and_matches_the_dockerfile():
     assert def_files == docker_files
     for src, _ in def_files:
         assert (REPO / src).exists(), src
-    # ... and the same installation script run on them
+    # ... and the same installation script run on them, with the same extras
+    install = "bash /opt/cloudmask-src/containers/install.sh /opt/cloudmask-src"
     runs = " ".join(v for k, v in instructions if k == "RUN")
-    assert "bash /opt/cloudmask-src/containers/install.sh /opt/cloudmask-src" in runs
-    assert sections["post"] == ["bash /opt/cloudmask-src/containers/install.sh /opt/cloudmask-src"]
+    assert f'{install} "${{EXTRAS}}"' in runs
+    assert sections["post"] == [f'PIP_CERT="" {install} "report"']
     assert sections["runscript"] == ['exec cloudmask "$@"']
     assert ("ENTRYPOINT", '["cloudmask"]') in instructions
-    assert sections["test"] == ["cloudmask doctor"]
+    assert sections["test"] == ['cloudmask doctor --results "${TMPDIR:-/tmp}"']
     assert sections["labels"] and sections["help"]
 
 
@@ -129,9 +149,11 @@ def test_doctor_without_a_gpu_explains_why(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == "cloudmask doctor" and lines[1].split() == ["check", "status", "detail"]
-    nvml = next(line for line in lines if line.startswith("GPUs (NVML)"))
-    assert "WARN" in nvml and "no GPU visible" in nvml
-    assert any(line.startswith("GPUs (backend)") and "no GPU" in line for line in lines)
+    # no GPU anywhere: one line of the table says so and why, with no continuation line under it
+    gpu = [n for n, line in enumerate(lines) if "GPU" in line]
+    assert len(gpu) == 1, done.stdout
+    assert lines[gpu[0]].split()[:2] == ["GPU", "WARN"] and "no GPU (no NVIDIA driver" in lines[gpu[0]]
+    assert not lines[gpu[0] + 1].startswith(" "), done.stdout
     for name in ("/dev/shm", "results path", "dataset", "container", "SLURM"):
         assert any(line.startswith(name) for line in lines), name
 
@@ -147,9 +169,12 @@ def test_doctor_fails_on_a_missing_dataset_and_lists_a_good_one(dataset, tmp_pat
 
 
 def test_doctor_with_gpus_and_small_shm(monkeypatch):
-    checks = doctor.check_nvml(nvml=two_gpus(counter=True))
-    assert checks[0].status == "ok" and checks[0].detail.startswith("2: ")
-    assert checks[1].detail == "550.54.15, supports CUDA 12.4"
+    checks = doctor.check_gpus(["GPU:0", "GPU:1"], nvml=two_gpus(counter=True))
+    assert [c.name for c in checks] == ["GPUs (backend)", "GPUs (NVML)", "NVIDIA driver"]
+    assert checks[1].status == "ok" and checks[1].detail.startswith("2: ")
+    assert checks[2].detail == "550.54.15, supports CUDA 12.4"
+    cpu_build = doctor.check_gpus([], nvml=two_gpus(counter=True))  # the backend sees none of NVML's GPUs
+    assert cpu_build[0].status == "warn" and "CPU-only build" in cpu_build[0].detail
     small = shutil.disk_usage("/")._replace(total=64 << 20)
     monkeypatch.setattr(doctor.shutil, "disk_usage", lambda path: small)
     shm = doctor.check_shm()[0]
@@ -174,3 +199,22 @@ def test_build_sif_without_apptainer_is_a_clear_error(tmp_path):
         pytest.skip("apptainer is installed here")
     done = subprocess.run(["bash", str(REPO / "scripts" / "build_sif.sh")], capture_output=True, text=True, env=env)
     assert done.returncode == 2 and "neither apptainer nor singularity is installed" in done.stderr
+
+
+def test_the_manifest_names_the_apptainer_image_the_user_ran(tmp_path):
+    from cloudmask.provenance import container_context
+
+    labels = tmp_path / "labels.json"  # what `apptainer build` writes into /.singularity.d/
+    labels.write_text('{"org.label-schema.usage.apptainer.version": "1.4.5"}')
+    mounted = {"APPTAINER_CONTAINER": "/scratch/cloudmask.sif", "APPTAINER_NAME": "cloudmask.sif",
+               "CLOUDMASK_IMAGE": "cloudmask-bench:0.1.0"}
+    assert container_context(mounted, labels) == {
+        "runtime": "apptainer", "image": "/scratch/cloudmask.sif", "image_label": "cloudmask-bench:0.1.0",
+        "built_with": "apptainer 1.4.5"}
+    # without squashfuse (or with --unsquash) the image is unpacked: the variable names the sandbox
+    unpacked = container_context({"APPTAINER_CONTAINER": "/tmp/rootfs-3008493173/root",
+                                  "APPTAINER_NAME": "cloudmask.sif"}, tmp_path / "no-labels.json")
+    assert unpacked["image"] == "cloudmask.sif" and unpacked["unpacked_to"] == "/tmp/rootfs-3008493173/root"
+    assert "built_with" not in unpacked
+    sandbox_dir = container_context({"SINGULARITY_CONTAINER": "/images/cm", "SINGULARITY_NAME": "cm"}, labels)
+    assert sandbox_dir["runtime"] == "singularity" and sandbox_dir["image"] == "/images/cm"

@@ -40,41 +40,46 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def check_backend() -> list[Check]:
+def check_backend() -> tuple[list[Check], list[str] | None]:
+    """The Keras backend and its build, and the GPUs it sees (None when it cannot be imported)."""
     try:
         runtime.quiet_tensorflow()
         name = runtime.backend()
         devices = runtime.accelerators()
     except Exception as e:  # an import failure of the framework is the finding itself
-        return [Check("keras backend", "fail", f"cannot import the Keras backend: {type(e).__name__}: {e}"[:300])]
+        return [Check("keras backend", "fail", f"cannot import the Keras backend: {type(e).__name__}: {e}"[:300])], None
     build = framework_context().get("build") or {}
     out = [Check("keras backend", "ok", f"{name} (cloudmask {__version__})")]
-    if devices:
-        out.append(Check("GPUs (backend)", "ok", f"{len(devices)}: {', '.join(devices)}"))
-    else:
-        out.append(Check("GPUs (backend)", "warn", f"the {name} backend sees no GPU: the benchmark runs on the CPU "
-                                                   "(slowly); see the NVML line for why"))
     if build:
         cuda = "CUDA build" if build.get("is_cuda_build") else "CPU-only build"
         out.append(Check("TensorFlow build", "info", f"{cuda}, CUDA {build.get('cuda_version') or '-'}, "
                                                      f"cuDNN {build.get('cudnn_version') or '-'}"))
-    return out
+    return out, devices
 
 
-def check_nvml(nvml=None) -> list[Check]:
+def check_gpus(devices: list[str] | None, nvml=None) -> list[Check]:
+    """What the backend and NVML see. No GPU anywhere is one line saying why (the common case of a login node,
+    a CPU machine or a container started without --nv / --gpus)."""
     ctx = gpu_context(nvml)
-    if not ctx["available"]:
+    if not ctx["available"] and not devices:
         reason = ctx.get("reason") or "unknown"
-        hint = ("no NVIDIA driver on this host (or the container was started without --nv / --gpus)"
-                if "Library Not Found" in reason or "not installed" in reason else "see the reason")
-        return [Check("GPUs (NVML)", "warn", f"no GPU visible: {reason}; {hint}. Energy is not measured.")]
+        why = ("no NVIDIA driver, or no --nv / --gpus" if "Library Not Found" in reason
+               else "pynvml not installed" if "not installed" in reason else f"NVML: {reason}")
+        return [Check("GPU", "warn", f"no GPU ({why}): runs on the CPU, no energy")]
+    out = []
+    if devices is not None:
+        out.append(Check("GPUs (backend)", "ok", f"{len(devices)}: {', '.join(devices)}") if devices else
+                   Check("GPUs (backend)", "warn", "the Keras backend sees none of the GPUs NVML lists (a CPU-only "
+                                                   "build, or CUDA_VISIBLE_DEVICES): the run uses the CPU"))
+    if not ctx["available"]:
+        return out + [Check("GPUs (NVML)", "warn", f"NVML: {ctx.get('reason')}; energy is not measured")]
     if not ctx["devices"]:
-        return [Check("GPUs (NVML)", "warn", "NVML works but this job sees no GPU (CUDA_VISIBLE_DEVICES?)")]
+        return out + [Check("GPUs (NVML)", "warn", "NVML works but this job sees no GPU (CUDA_VISIBLE_DEVICES?)")]
     names = ", ".join(f"{d.get('name')} ({d.get('memory_gib')} GiB)" for d in ctx["devices"])
     cuda = ctx.get("cuda_driver")
     cuda_text = f"{cuda // 1000}.{cuda % 1000 // 10}" if isinstance(cuda, int) else str(cuda)
-    return [Check("GPUs (NVML)", "ok", f"{len(ctx['devices'])}: {names}"),
-            Check("NVIDIA driver", "ok", f"{ctx.get('driver')}, supports CUDA {cuda_text}")]
+    return out + [Check("GPUs (NVML)", "ok", f"{len(ctx['devices'])}: {names}"),
+                  Check("NVIDIA driver", "ok", f"{ctx.get('driver')}, supports CUDA {cuda_text}")]
 
 
 def check_shm(path: str = "/dev/shm") -> list[Check]:
@@ -134,7 +139,10 @@ def check_data(root: str | None, full: bool = False) -> list[Check]:
 def check_context() -> list[Check]:
     c = container_context()
     image = c.get("image") or c.get("image_label") or "-"
-    out = [Check("container", "info", "none" if c["runtime"] == "none" else f"{c['runtime']}, image {image}")]
+    detail = "none" if c["runtime"] == "none" else f"{c['runtime']}, image {image}"
+    if c.get("unpacked_to"):
+        detail += f" (unpacked to {c['unpacked_to']}: no squashfuse, or --unsquash)"
+    out = [Check("container", "info", detail)]
     slurm = {k: os.environ[k] for k in SLURM_VARS if k in os.environ}
     if slurm:
         job = slurm.get("SLURM_ARRAY_JOB_ID") and f"{slurm['SLURM_ARRAY_JOB_ID']}_{slurm.get('SLURM_ARRAY_TASK_ID')}"
@@ -148,7 +156,8 @@ def check_context() -> list[Check]:
 
 
 def run_checks(data_root: str | None, results: str, full: bool = False, nvml=None) -> list[Check]:
-    return [*check_backend(), *check_nvml(nvml), *check_shm(), *check_disk(results), *check_data(data_root, full),
+    backend, devices = check_backend()
+    return [*backend, *check_gpus(devices, nvml), *check_shm(), *check_disk(results), *check_data(data_root, full),
             *check_context()]
 
 

@@ -3,6 +3,7 @@ number can be traced to what produced it."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import socket
@@ -45,17 +46,33 @@ def _git_revision() -> dict:
         return {"revision": None, "dirty": None, "source": "git not available"}
 
 
-def container_context(environ=os.environ) -> dict:
-    if environ.get("APPTAINER_CONTAINER") or environ.get("SINGULARITY_CONTAINER"):
-        runtime = "apptainer" if environ.get("APPTAINER_CONTAINER") else "singularity"
-        image = environ.get("APPTAINER_CONTAINER") or environ.get("SINGULARITY_CONTAINER")
+def container_context(environ=os.environ, labels: Path = Path("/.singularity.d/labels.json")) -> dict:
+    """The container this process runs in: runtime, image and the image's cloudmask label."""
+    out = {"runtime": "none", "image": None, "image_label": environ.get("CLOUDMASK_IMAGE")}
+    prefix = "APPTAINER" if environ.get("APPTAINER_CONTAINER") else "SINGULARITY"
+    if environ.get(f"{prefix}_CONTAINER"):
+        out.update(_apptainer_image(environ[f"{prefix}_CONTAINER"], environ.get(f"{prefix}_NAME"), labels))
+        out["runtime"] = prefix.lower()
     elif Path("/run/.containerenv").exists():
-        runtime, image = "podman", _containerenv_image()
+        out.update(runtime="podman", image=_containerenv_image())
     elif Path("/.dockerenv").exists():
-        runtime, image = "docker", None
-    else:
-        runtime, image = "none", None
-    return {"runtime": runtime, "image": image, "image_label": environ.get("CLOUDMASK_IMAGE")}
+        out["runtime"] = "docker"
+    return out
+
+
+def _apptainer_image(container: str, name: str | None, labels: Path) -> dict:
+    """APPTAINER_CONTAINER is the image the user ran, except where Apptainer could not mount it (no squashfuse,
+    or --unsquash): then it is a temporary sandbox and only APPTAINER_NAME still names the image."""
+    out = {"image": container}
+    if name and Path(container).name != name:
+        out.update(image=name, unpacked_to=container)
+    try:
+        built = json.loads(labels.read_text()).get("org.label-schema.usage.apptainer.version")
+    except (OSError, ValueError, AttributeError):
+        built = None
+    if built:
+        out["built_with"] = f"apptainer {built}"
+    return out
 
 
 def _containerenv_image() -> str | None:

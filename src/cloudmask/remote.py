@@ -20,6 +20,8 @@ from pathlib import Path
 from .errors import DataError
 
 CLOUD_EXTRA = "pip install 'cloudmask-bench[cloud]' (s3fs, universal-pathlib, zarr)"
+# the container images are built without it by default (containers/Dockerfile, containers/cloudmask.def)
+IMAGE_CLOUD_EXTRA = "build the image with --build-arg EXTRAS=report,cloud: docs/containers.md"
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 _USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s]*@", re.IGNORECASE)
 
@@ -31,6 +33,11 @@ class StorageError(DataError):
 _settings = {"anonymous": "auto", "retries": 5, "endpoint_url": None}
 _secrets: dict[str, dict] = {}  # "scheme://bucket" -> {"key", "secret"} taken out of a URL
 _anonymous_found: list[bool] = []
+
+
+def cloud_extra_hint() -> str:
+    """How to get the cloud extra: inside one of our images (they set CLOUDMASK_IMAGE) pip is not the way."""
+    return IMAGE_CLOUD_EXTRA if os.environ.get("CLOUDMASK_IMAGE") else CLOUD_EXTRA
 
 
 def is_url(value) -> bool:
@@ -114,7 +121,7 @@ def location(value):
         return UPath(url, **storage_options(url))
     except ImportError as e:
         raise DataError(f"{url}: reading object storage needs packages that are not installed ({e})",
-                        CLOUD_EXTRA) from None
+                        cloud_extra_hint()) from None
     except ValueError as e:
         raise DataError(f"{url}: not a usable URL ({e})", "give s3://BUCKET/PREFIX or another fsspec URL") from None
 

@@ -28,7 +28,7 @@ def _zarr():
     try:
         import zarr
     except ImportError:
-        raise DataError("a Zarr patch store needs zarr-python, which is not installed", remote.CLOUD_EXTRA) from None
+        raise DataError("a Zarr patch store needs zarr-python, which is not installed", remote.cloud_extra_hint()) from None
     return zarr
 
 
