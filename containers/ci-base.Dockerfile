@@ -1,6 +1,6 @@
 # CI only: a stand-in for the NGC TensorFlow image, which cannot be pulled here (no registry access).
 # Debian + Python + tensorflow-cpu in a virtual environment on PATH, so `python3 -m pip` installs into it the
-# way it installs into the NGC image's system Python. Built by scripts/container_ci.sh from a debootstrap rootfs.
+# way it installs into the NGC image's system Python. Built by scripts/ci/container_ci.sh from a debootstrap rootfs.
 ARG DEBIAN_IMAGE=localhost/debian-min:bookworm
 FROM ${DEBIAN_IMAGE}
 ARG PIP_CERT=

@@ -2,7 +2,7 @@
 # The installation steps of the cloudmask image: the one list both recipes run (containers/Dockerfile and
 # containers/cloudmask.def), so Docker and Apptainer images install exactly the same things.
 #
-#   bash install.sh SOURCE_DIR [EXTRAS]   (SOURCE_DIR holds pyproject.toml, VERSION, README.md, src/;
+#   bash install.sh SOURCE_DIR [EXTRAS]   (SOURCE_DIR holds pyproject.toml, VERSION, README.md, src/, slurm/;
 #                                          EXTRAS: the package's extras, default "report"; "report,cloud" adds
 #                                          s3:// data and Zarr stores)
 #

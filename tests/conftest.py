@@ -28,7 +28,7 @@ def patch_cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory) -> Path:
     """5 training files (4 train + 1 validation after the split) and 2 test files, read-only for tests."""
-    from cloudmask.synth import synthesize
+    from cloudmask.dataset.synth import synthesize
 
     root = tmp_path_factory.mktemp("data") / "synthetic"
     synthesize(root, n_train=5, n_test=2, seed=7)

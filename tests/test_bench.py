@@ -3,10 +3,10 @@
 import json
 
 import pytest
-
-from cloudmask import synth
-from cloudmask.config import load_config
 from conftest import run_cli
+
+from cloudmask.config import load_config
+from cloudmask.dataset import synth
 
 
 @pytest.mark.slow  # the reference model for 5 epochs: ~6-9 minutes on 2 cores; .ci/run runs it after the suite

@@ -16,17 +16,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from cloudmask import cache, data, pipeline
-from cloudmask.preprocess import Geometry
-
 from conftest import TINY, assert_clean_error, run_cli
+
+from cloudmask.dataset.files import find_files
+from cloudmask.dataset.preprocess import Geometry
+from cloudmask.inputs import cache, hdf5_source
+from cloudmask.inputs.batches import StreamSettings
+from cloudmask.inputs.hdf5_source import RawReading
 
 G = Geometry()
 
 
 def _train_files(dataset: Path) -> list[Path]:
-    return data.find_files(dataset / "training")[:4]
+    return find_files(dataset / "training")[:4]
 
 
 def _fingerprint(arrays) -> tuple:
@@ -37,8 +39,8 @@ def _fingerprint(arrays) -> tuple:
 
 def _batches(files, entry=None, epochs=2, geometry=G, seed=3) -> list[tuple]:
     """The fingerprint of every batch of ``epochs`` epochs (three epochs of real-size patches are ~0.6 GB)."""
-    stream = pipeline.PatchStream(files, geometry, "fixed", batch_size=8, seed=seed, shuffle=True,
-                                  window_files=3, read_threads=2, cache=entry)
+    stream = hdf5_source.PatchStream(files, RawReading(geometry), StreamSettings(8, seed, True, window_files=3,
+                                                                                  read_threads=2), cache=entry)
     it = iter(stream)
     out = [_fingerprint(next(it)) for _ in range(stream.steps * epochs)]
     stream.close()
@@ -80,8 +82,8 @@ def test_an_epoch_that_drops_files_still_completes_the_entry(dataset, tmp_path):
     epoch's end (from the read-ahead or, failing that, the epoch-end fill)."""
     files = _train_files(dataset)
     entry = _entry(tmp_path, files)
-    stream = pipeline.PatchStream(files, G, "fixed", batch_size=50, seed=1, shuffle=False, read_threads=1,
-                                  cache=entry, prefetch=0)
+    stream = hdf5_source.PatchStream(files, RawReading(G), StreamSettings(50, 1, False, read_threads=1, prefetch=0),
+                                     cache=entry)
     it = iter(stream)
     for _ in range(stream.steps + 1):
         next(it)
@@ -102,15 +104,15 @@ def test_a_changed_file_makes_a_new_entry(dataset_copy, tmp_path):
 
 
 def test_test_images_come_back_the_same_from_the_entry(dataset, tmp_path):
-    files = data.find_files(dataset / "inference")
+    files = find_files(dataset / "inference")
     entry = _entry(tmp_path, files, "images", "test")
-    images = pipeline.test_images(dataset / "inference", files, G, "fixed", 0.5, entry)
+    images = hdf5_source.hdf5_test_images(dataset / "inference", files, RawReading(G), entry)
     first = [images.load(p) for p in files]
     entry.wait()
     assert entry.state == "built"
     reused = _entry(tmp_path, files, "images", "test")
-    again = pipeline.test_images(dataset / "inference", files, G, "fixed", 0.5, reused)
-    plain = pipeline.test_images(dataset / "inference", files, G, "fixed", 0.5)
+    again = hdf5_source.hdf5_test_images(dataset / "inference", files, RawReading(G), reused)
+    plain = hdf5_source.hdf5_test_images(dataset / "inference", files, RawReading(G))
     assert reused.state == "reused"
     assert _same(first, [again.load(p) for p in files]) and _same(first, [plain.load(p) for p in files])
 
@@ -118,16 +120,19 @@ def test_test_images_come_back_the_same_from_the_entry(dataset, tmp_path):
 BUILD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from cloudmask import cache, data, pipeline
-    from cloudmask.preprocess import Geometry
-    files = data.find_files(Path(sys.argv[1]) / "training")[:4]
+    from cloudmask.dataset.files import find_files
+    from cloudmask.dataset.preprocess import Geometry
+    from cloudmask.inputs import cache, hdf5_source
+    from cloudmask.inputs.batches import StreamSettings
+    files = find_files(Path(sys.argv[1]) / "training")[:4]
     entry = cache.SplitCache(Path(sys.argv[2]), files, "patches", Geometry(), "fixed", 0.5, "training")
     print("STATE", entry.state, flush=True)
     if sys.argv[3] == "stall":  # write one file, then wait to be killed
-        entry.put(0, *pipeline.load_train_patches(files[0], Geometry(), "fixed", 0.5))
+        entry.put(0, *hdf5_source.load_train_patches(files[0], Geometry(), "fixed", 0.5))
         print("WROTE", flush=True)
         time.sleep(600)
-    stream = pipeline.PatchStream(files, Geometry(), "fixed", batch_size=8, seed=3, shuffle=True, cache=entry)
+    stream = hdf5_source.PatchStream(files, hdf5_source.RawReading(Geometry()), StreamSettings(8, 3, True),
+                                     cache=entry)
     it = iter(stream)
     for _ in range(stream.steps * 2):
         next(it)
@@ -177,7 +182,7 @@ def test_a_damaged_entry_is_rebuilt_with_a_warning_never_used(dataset, tmp_path,
     entry = _entry(tmp_path, files)
     _batches(files, entry, epochs=1)
     damage(tmp_path / entry.key)
-    with caplog.at_level(logging.WARNING, logger="cloudmask.cache"):
+    with caplog.at_level(logging.WARNING, logger='cloudmask.inputs.cache'):
         rebuilt = _entry(tmp_path, files)
     assert rebuilt.state == "building", "a damaged entry must not be read"
     assert any("damaged" in r.getMessage() and "building it again" in r.getMessage() for r in caplog.records)
@@ -193,7 +198,7 @@ def test_the_half_written_entry_of_a_killed_run_is_never_used(dataset, tmp_path,
     proc.wait(timeout=30)
     files = _train_files(dataset)
     assert list(tmp_path.glob(".*.tmp-*")) and not _entries(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="cloudmask.cache"):
+    with caplog.at_level(logging.WARNING, logger='cloudmask.inputs.cache'):
         entry = _entry(tmp_path, files)
     assert any("partial patch cache" in r.getMessage() for r in caplog.records)
     assert entry.state == "building" and not [p for p in tmp_path.glob(".*.tmp-*") if str(os.getpid()) not in p.name]
@@ -214,8 +219,7 @@ def test_a_bad_file_abandons_the_entry_and_the_run_goes_on(dataset_copy, tmp_pat
     files = _train_files(dataset_copy)
     files[1].write_bytes(files[1].read_bytes()[:5000])  # truncated after the screening a run does
     entry = _entry(tmp_path / "cache", files)
-    stream = pipeline.PatchStream(files, G, "fixed", batch_size=8, seed=3, shuffle=True, skip_bad=True,
-                                  cache=entry)
+    stream = hdf5_source.PatchStream(files, RawReading(G, skip_bad=True), StreamSettings(8, 3, True), cache=entry)
     it = iter(stream)
     [next(it) for _ in range(stream.steps * 2)]
     assert entry.state == "abandoned" and "is bad" in entry.reason
@@ -226,7 +230,7 @@ def test_a_bad_file_abandons_the_entry_and_the_run_goes_on(dataset_copy, tmp_pat
 def test_no_room_means_streaming_with_a_warning(dataset, tmp_path, monkeypatch, caplog):
     files = _train_files(dataset)
     monkeypatch.setattr(cache.shutil, "disk_usage", lambda _: type("U", (), {"free": 10 * 2**20})())
-    with caplog.at_level(logging.WARNING, logger="cloudmask.cache"):
+    with caplog.at_level(logging.WARNING, logger='cloudmask.inputs.cache'):
         entry = _entry(tmp_path, files)
     assert entry.state == "streamed" and "GiB needed" in entry.reason and "data.cache" in entry.reason
     assert any("not used" in r.getMessage() for r in caplog.records)
@@ -236,12 +240,14 @@ def test_no_room_means_streaming_with_a_warning(dataset, tmp_path, monkeypatch, 
 RSS = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from cloudmask import cache, data, pipeline
-    from cloudmask.preprocess import Geometry
+    from cloudmask.dataset.files import find_files
+    from cloudmask.dataset.preprocess import Geometry
+    from cloudmask.inputs import cache, hdf5_source
+    from cloudmask.inputs.batches import StreamSettings
     g = Geometry(320, 384, 64, 16)
-    files = data.find_files(Path(sys.argv[1]) / "training")[: int(sys.argv[3])]
+    files = find_files(Path(sys.argv[1]) / "training")[: int(sys.argv[3])]
     entry = cache.SplitCache(Path(sys.argv[2]), files, "patches", g, "fixed", 0.5, "training")
-    stream = pipeline.PatchStream(files, g, "fixed", batch_size=32, seed=1, shuffle=True, cache=entry)
+    stream = hdf5_source.PatchStream(files, hdf5_source.RawReading(g), StreamSettings(32, 1, True), cache=entry)
     it = iter(stream)
     for _ in range(stream.steps * 3):
         next(it)
@@ -254,7 +260,7 @@ RSS = textwrap.dedent("""
 def test_peak_memory_is_flat_in_the_number_of_files(tmp_path):
     """Three epochs (one building the cache, two reading it) of 8 and of 64 files: the cache lives on disk, so
     peak RSS does not grow with it (the reference's in-RAM cache would add every file's patches)."""
-    from cloudmask.synth import synthesize
+    from cloudmask.dataset.synth import synthesize
 
     synthesize(tmp_path / "d", n_train=64, n_test=1, seed=5, height=320, width=384)
     peaks = {}
@@ -308,10 +314,10 @@ def test_cache_off_writes_nothing_and_a_bad_cache_dir_is_one_clear_error(dataset
 
 
 def test_the_row_read_benchmark_script_measures_every_method(tmp_path):
-    """scripts/bench_row_reads.py (docs/performance.md): one table row per thread count and method."""
+    """scripts/measure/bench_row_reads.py (docs/performance.md): one table row per thread count and method."""
     array = tmp_path / "x.npy"
     np.save(array, np.arange(40 * 64 * 9, dtype=np.float32).reshape(40, 8, 8, 9))
-    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_row_reads.py"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "measure" / "bench_row_reads.py"
     done = subprocess.run([sys.executable, str(script), str(array), "--threads", "1", "2", "--batch", "8",
                            "--reps", "1"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

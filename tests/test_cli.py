@@ -2,9 +2,9 @@ import argparse
 from pathlib import Path
 
 import pytest
+from conftest import assert_clean_error, run_cli
 
 from cloudmask import __version__, cli
-from conftest import assert_clean_error, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,8 @@ def test_the_command_line_and_the_run_modes_start_without_the_framework():
     import subprocess
     import sys
 
-    modules = "cloudmask.cli, cloudmask.commands, cloudmask.benchmark, cloudmask.session, cloudmask.report"
+    modules = ("cloudmask.cli, cloudmask.cli.commands, cloudmask.run.modes, cloudmask.run.session, "
+               "cloudmask.campaign.report")
     code = (f"import sys, {modules}; cloudmask.cli.build_parser(); "
             "print(sorted(m for m in ('tensorflow', 'keras', 'jax') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-from cloudmask import config as config_lib
 from cloudmask.config import RULES, load_config
+from cloudmask.config import schema as config_lib
 from cloudmask.errors import ConfigError
 
 

@@ -10,9 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from cloudmask.progress import Progress
-from cloudmask.tables import text_table
 from conftest import TINY, run_cli
+
+from cloudmask.cli.progress import Progress
+from cloudmask.cli.tables import text_table
 
 CLOUDMASK = str(Path(sys.executable).with_name("cloudmask"))  # the console script a user runs
 NOISE = re.compile(r"absl|oneDNN|^[IWE]\d{4} |cpu_feature_guard|TF_ENABLE_ONEDNN_OPTS", re.M)
@@ -73,7 +74,7 @@ def test_doctor_stderr_is_quiet_and_verbose_brings_the_messages_back(tmp_path):
 def test_the_noise_filter_drops_only_noise_and_survives_a_crash():
     code = r"""
 import os, sys
-from cloudmask.console import filter_framework_noise
+from cloudmask.cli.console import filter_framework_noise
 filter_framework_noise()
 os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n")
 os.write(2, b"I0000 00:00:1796402341.835788    1443 port.cc:153] oneDNN custom operations are on.\n")
@@ -92,7 +93,7 @@ os.abort()
 
 
 def test_progress_lines_every_tenth_or_interval(caplog):
-    caplog.set_level("INFO", logger="cloudmask.progress")
+    caplog.set_level("INFO", logger='cloudmask.cli.progress')
     bar = Progress("epoch 1/1 training", 100, mode="lines", items_per_step=32, interval_s=3600)
     for step in range(1, 101):
         bar.update(step)

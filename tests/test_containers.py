@@ -1,5 +1,5 @@
 """Container recipes, compose file and `cloudmask doctor`. The real image build and run is CI's container
-stage (scripts/container_ci.sh); here: static checks with the real tools, and that the Docker and Apptainer
+stage (scripts/ci/container_ci.sh); here: static checks with the real tools, and that the Docker and Apptainer
 recipes install the same things (they share containers/install.sh)."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from cloudmask import doctor
-from fake_nvml import two_gpus
 from conftest import run_cli
+from fake_nvml import two_gpus
+
+from cloudmask.campaign import doctor
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE, DEF_FILE, COMPOSE = REPO / "containers" / "Dockerfile", REPO / "containers" / "cloudmask.def", REPO / "compose.yaml"
@@ -182,7 +182,7 @@ def test_doctor_with_gpus_and_small_shm(monkeypatch):
 
 
 def test_bench_prefers_data_only_when_there_is_some(dataset, tmp_path, caplog):
-    from cloudmask.benchmark import dataset_if_present
+    from cloudmask.run.modes import dataset_if_present
 
     assert dataset_if_present(str(dataset)) == str(dataset)
     (tmp_path / "empty").mkdir()
@@ -202,7 +202,7 @@ def test_build_sif_without_apptainer_is_a_clear_error(tmp_path):
 
 
 def test_the_manifest_names_the_apptainer_image_the_user_ran(tmp_path):
-    from cloudmask.provenance import container_context
+    from cloudmask.telemetry.provenance import container_context
 
     labels = tmp_path / "labels.json"  # what `apptainer build` writes into /.singularity.d/
     labels.write_text('{"org.label-schema.usage.apptainer.version": "1.4.5"}')

@@ -7,14 +7,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
-from cloudmask import data
-from cloudmask.errors import DataError
 from conftest import assert_clean_error, run_cli
+
+from cloudmask.dataset.files import MANIFEST_NAME, find_files, read_sample, resolve_layout, split_files
+from cloudmask.errors import DataError
 
 
 def _first(root: Path, split="training") -> Path:
-    return data.find_files(root / split)[0]
+    return find_files(root / split)[0]
 
 
 def _rewrite(path: Path, **changes):
@@ -30,7 +30,7 @@ def _rewrite(path: Path, **changes):
 
 
 def test_find_files_is_recursive_sorted_and_filtered(dataset):
-    files = data.find_files(dataset / "training")
+    files = find_files(dataset / "training")
     assert len(files) == 5
     rel = [p.relative_to(dataset / "training").as_posix() for p in files]
     assert rel == sorted(rel)
@@ -39,19 +39,19 @@ def test_find_files_is_recursive_sorted_and_filtered(dataset):
 
 
 def test_both_published_layouts(dataset, tmp_path):
-    layout = data.resolve_layout(str(dataset))
+    layout = resolve_layout(str(dataset))
     assert (layout.train_dir.name, layout.test_dir.name, layout.naming) == ("training", "inference", "training")
     old = tmp_path / "old"
     old.mkdir()
     (old / "one-day").symlink_to(dataset / "training")
     (old / "ssts").symlink_to(dataset / "inference")
-    layout = data.resolve_layout(str(old))
+    layout = resolve_layout(str(old))
     assert (layout.train_dir.name, layout.test_dir.name, layout.naming) == ("one-day", "ssts", "one-day")
-    assert len(data.find_files(layout.train_dir)) == 5 and len(data.find_files(layout.test_dir)) == 2
+    assert len(find_files(layout.train_dir)) == 5 and len(find_files(layout.test_dir)) == 2
 
 
 def test_explicit_dirs_override_the_root(dataset):
-    layout = data.resolve_layout(None, train_dir=str(dataset / "training"), test_dir=str(dataset / "inference"))
+    layout = resolve_layout(None, train_dir=str(dataset / "training"), test_dir=str(dataset / "inference"))
     assert layout.naming == "explicit" and layout.test_dir == dataset / "inference"
 
 
@@ -77,7 +77,7 @@ def test_wrong_layouts_are_named(dataset, tmp_path, setup, needle):
         (root / "inference").mkdir()
         (root / "training" / "day" / "notes.txt").write_text("x")
     with pytest.raises(DataError, match=re.escape(needle)):
-        data.resolve_layout(str(root))
+        resolve_layout(str(root))
 
 
 # ------------------------------------------------------------------------------------------------ split
@@ -88,27 +88,27 @@ def test_split_is_identical_to_scikit_learn(n):
     from sklearn.model_selection import train_test_split
 
     files = [f"f{i:04d}" for i in range(n)]
-    assert data.split_files(files, 0.8, 42) == tuple(map(list, train_test_split(files, train_size=0.8,
+    assert split_files(files, 0.8, 42) == tuple(map(list, train_test_split(files, train_size=0.8,
                                                                                  random_state=42)))
-    assert data.split_files(files, 0.65, 7) == tuple(map(list, train_test_split(files, train_size=0.65,
+    assert split_files(files, 0.65, 7) == tuple(map(list, train_test_split(files, train_size=0.65,
                                                                                 random_state=7)))
 
 
 def test_split_of_970_files_gives_the_reference_counts():
-    train, val = data.split_files(list(range(970)), 0.8, 42)
+    train, val = split_files(list(range(970)), 0.8, 42)
     assert (len(train), len(val)) == (776, 194)
 
 
 def test_split_needs_two_files():
     with pytest.raises(DataError, match="cannot split 1"):
-        data.split_files(["a"], 0.8, 42)
+        split_files(["a"], 0.8, 42)
 
 
 # ---------------------------------------------------------------------------------------------- reading
 
 
 def test_read_sample(dataset):
-    s = data.read_sample(_first(dataset))
+    s = read_sample(_first(dataset))
     assert s.image.shape == (1200, 1500, 9) and s.image.dtype == np.float32
     assert s.label.shape == (1200, 1500, 1) and s.label.dtype == np.uint8
     assert set(np.unique(s.label)) <= {0, 1} and s.nonfinite == 0
@@ -125,7 +125,7 @@ def test_nonfinite_values_are_filled_with_the_channel_minimum(dataset_copy):
     bts[600:610, 700:710, 1] = np.nan
     bts[0, 0, 2] = np.inf
     _rewrite(path, bts=bts)
-    s = data.read_sample(path)
+    s = read_sample(path)
     assert s.nonfinite == 101 and np.all(np.isfinite(s.image))
     finite_min = np.nanmin(np.where(np.isfinite(bts[..., 1]), bts[..., 1], np.nan))
     assert np.all(s.image[600:610, 700:710, 7] == finite_min)
@@ -156,7 +156,7 @@ def test_every_bad_file_gets_one_error_naming_it(dataset_copy, damage, needle):
         _rewrite(path, bts=np.full((1200, 1500, 3), np.nan, np.float32),
                  refs=np.full((1200, 1500, 6), np.nan, np.float32))
     with pytest.raises(DataError) as err:
-        data.read_sample(path)
+        read_sample(path)
     assert str(path) in str(err.value) and needle in str(err.value)
 
 
@@ -175,7 +175,7 @@ def test_synth_then_verify_cli(tmp_path):
 
 
 def test_verify_lists_every_bad_file_and_fails(dataset_copy):
-    files = data.find_files(dataset_copy / "training")
+    files = find_files(dataset_copy / "training")
     with open(files[0], "r+b") as f:
         f.truncate(1000)
     _rewrite(files[1], bayes=None)
@@ -197,11 +197,11 @@ def test_verify_of_wrong_directories(dataset, tmp_path, target):
 def test_manifest_round_trip_and_detects_changes(dataset_copy):
     done = run_cli("data", "verify", str(dataset_copy), "--write-manifest")
     assert done.returncode == 0, done.stderr
-    manifest = dataset_copy / data.MANIFEST_NAME
+    manifest = dataset_copy / MANIFEST_NAME
     lines = manifest.read_text().splitlines()
     assert len(lines) == 7 and all(len(line.split("  ")[0]) == 64 for line in lines)
     assert run_cli("data", "verify", str(dataset_copy), "--check-manifest").returncode == 0
-    files = data.find_files(dataset_copy / "inference")
+    files = find_files(dataset_copy / "inference")
     with h5py.File(files[0], "r+") as f:
         f["refs"][0, 0, 0] = 0.5  # same size, different content
     files[1].unlink()
@@ -248,7 +248,7 @@ def s3_server(dataset):
                       aws_secret_access_key="x")
     s3.create_bucket(Bucket="sciml-datasets")
     for local, remote in (("training", "one-day"), ("inference", "ssts")):
-        for path in data.find_files(dataset / local):
+        for path in find_files(dataset / local):
             key = f"es/cloud_slstr_ds1/{remote}/{path.relative_to(dataset / local).as_posix()}"
             s3.upload_file(str(path), "sciml-datasets", key)
     yield url
@@ -262,14 +262,14 @@ def test_download_syncs_resumes_and_detects_the_naming(s3_server, dataset, tmp_p
     done = run_cli("data", "download", str(dest), "--endpoint", s3_server, env=env)
     assert done.returncode == 0, done.stderr
     assert "cloud_slstr_ds1/one-day" in done.stdout  # auto-detected the old naming
-    assert len(data.find_files(dest / "one-day")) == 5 and len(data.find_files(dest / "ssts")) == 2
+    assert len(find_files(dest / "one-day")) == 5 and len(find_files(dest / "ssts")) == 2
     # an interrupted download leaves files missing: re-running fetches just those
-    victim = data.find_files(dest / "one-day")[2]
+    victim = find_files(dest / "one-day")[2]
     victim.unlink()
     assert run_cli("data", "download", str(dest), "--endpoint", s3_server, env=env).returncode == 0
     assert victim.is_file()
     assert run_cli("data", "verify", str(dest)).returncode == 0
-    original = data.find_files(dataset / "training")[2].read_bytes()
+    original = find_files(dataset / "training")[2].read_bytes()
     assert victim.read_bytes() == original
 
 

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY, assert_clean_error, run_cli
 
-from cloudmask import cluster, energy
 from cloudmask.config import load_config
 from cloudmask.errors import ConfigError
-from conftest import TINY, assert_clean_error, run_cli
+from cloudmask.telemetry import energy
+from cloudmask.training import cluster
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_WORKERS = REPO / "scripts" / "local_workers.sh"
@@ -257,7 +258,7 @@ def test_nodes_and_accelerators_per_node_come_from_the_workers():
 
 
 def test_multi_worker_needs_the_tensorflow_backend(monkeypatch):
-    monkeypatch.setattr("cloudmask.runtime.backend", lambda: "jax")
+    monkeypatch.setattr('cloudmask.training.runtime.backend', lambda: "jax")
     cfg = load_config(overrides=["distribute.strategy=multi_worker", "data.store=/s"])
     with pytest.raises(ConfigError, match="needs the TensorFlow backend"):
         cluster.connect(cfg, environ={})

@@ -6,11 +6,11 @@ import json
 import shlex
 
 import pytest
-
-from cloudmask.config import load_config
-from cloudmask.experiments import load_experiment, plan_experiment, task_states
-from cloudmask.slurm import array_spec
 from conftest import assert_clean_error, run_cli
+
+from cloudmask.campaign.experiments import load_experiment, plan_experiment, task_states
+from cloudmask.campaign.slurm import array_spec
+from cloudmask.config import load_config
 
 
 @pytest.mark.parametrize("tasks, spec", [([1], "1"), ([1, 2, 3, 4, 5], "1-5"), ([5, 1, 2, 3], "1-3,5"),

@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TINY, assert_clean_error, run_cli
 
 from cloudmask.config import load_config
-from cloudmask.rundir import RunDir
-from conftest import TINY, assert_clean_error, run_cli
+from cloudmask.run.run_dir import RunDir
 
 TINY_SETS = sum((["--set", s] for s in [*TINY, "train.epochs=1", "telemetry.idle_seconds=0"]), [])
 
@@ -143,7 +143,7 @@ def test_two_runs_started_together_get_two_run_directories(dataset, tmp_path):
 
 def test_a_taken_default_name_gets_the_next_number(tmp_path, monkeypatch):
     cfg = load_config(overrides=[f"output.root={tmp_path}"])
-    monkeypatch.setattr("cloudmask.rundir.time.strftime", lambda fmt: "20261203-101010")
+    monkeypatch.setattr('cloudmask.run.run_dir.time.strftime', lambda fmt: "20261203-101010")
     first, second, third = (RunDir.create(None, cfg).path.name for _ in range(3))
     assert (first, second, third) == ("20261203-101010-seed1234", "20261203-101010-seed1234-2",
                                       "20261203-101010-seed1234-3")

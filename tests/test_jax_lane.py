@@ -1,5 +1,5 @@
 """The JAX lane: Keras 3 on JAX in an environment without TensorFlow, as on the GPU machine that can be borrowed
-(it has JAX, no TensorFlow). `scripts/jax_lane.sh` (called by `.ci/run`) builds that environment and runs this
+(it has JAX, no TensorFlow). `scripts/ci/jax_lane.sh` (called by `.ci/run`) builds that environment and runs this
 module with KERAS_BACKEND=jax; under the TensorFlow suite it is skipped."""
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import sys
 import time
 
 import pytest
-
-from cloudmask.results import schema_problem
 from conftest import TINY, run_cli
 
+from cloudmask.run.results import schema_problem
+
 pytestmark = pytest.mark.skipif(os.environ.get("KERAS_BACKEND") != "jax",
-                                reason="the JAX lane: scripts/jax_lane.sh (KERAS_BACKEND=jax, no TensorFlow)")
+                                reason="the JAX lane: scripts/ci/jax_lane.sh (KERAS_BACKEND=jax, no TensorFlow)")
 SETS = [a for kv in TINY for a in ("--set", kv)]
 
 
@@ -73,7 +73,7 @@ def test_throughput_from_a_device_resident_store(prepared):
         assert r[key] > 0, key
 
 
-# The fields of suite.json, as the GPU run writes them (scripts/gpu_suite.py); the CPU run must have every one.
+# The fields of suite.json, as the GPU run writes them (scripts/measure/gpu_suite.py); the CPU run must have every one.
 SUITE_FIELDS = {"suite", "started", "finished", "mode", "sizes", "steps", "facts", "data", "throughput", "epoch",
                 "inference", "short_run", "check_log", "targets", "failed_steps", "work_dir"}
 THROUGHPUT_FIELDS = {"backend", "devices", "precision", "batch_size", "input", "warmup_steps", "timed_steps",
@@ -83,14 +83,14 @@ THROUGHPUT_FIELDS = {"backend", "devices", "precision", "batch_size", "input", "
 
 
 def test_gpu_suite_runs_end_to_end_on_the_cpu(tmp_path):
-    """scripts/gpu_suite.sh --cpu --small: every step of the H200 suite, with the driver's two faces faked at their
+    """scripts/measure/gpu_suite.sh --cpu --small: every step of the H200 suite, with the driver's two faces faked at their
     narrowest boundary (the pynvml module and the nvidia-smi program, tests/fake_gpu)."""
     tests = os.path.dirname(__file__)
     fake = os.path.join(tests, "fake_gpu")
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}",
            "PYTHONPATH": os.pathsep.join([fake, tests, os.environ.get("PYTHONPATH", "")]), "PYTHON": sys.executable}
     out = tmp_path / "suite"
-    script = os.path.join(tests, os.pardir, "scripts", "gpu_suite.sh")
+    script = os.path.join(tests, os.pardir, "scripts", "measure", "gpu_suite.sh")
     done = subprocess.run([script, "--out", str(out), "--cpu", "--small"], capture_output=True, text=True, env=env,
                           timeout=1500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from cloudmask import mlperf
 from cloudmask.errors import CloudmaskError
+from cloudmask.run import mlperf
 
 
 def _write_log(path, drop=(), division="open", batch=8, lr=0.001):
@@ -70,7 +70,7 @@ def test_lines_are_mllog_json_with_package_relative_files(tmp_path):
     mlperf.log_submission(log, load_config(), "ci", "open")
     log.close()
     record = json.loads((tmp_path / "b.log").read_text().splitlines()[0][len(":::MLLOG "):])
-    assert record["key"] == "submission_benchmark" and record["metadata"]["file"] == "cloudmask/mlperf.py"
+    assert record["key"] == "submission_benchmark" and record["metadata"]["file"] == "cloudmask/run/mlperf.py"
 
 
 def test_missing_or_garbage_log(tmp_path):

@@ -1,6 +1,6 @@
 import numpy as np
 
-from cloudmask import model as model_lib
+from cloudmask.training import model as model_lib
 
 
 def test_reference_unet_has_the_published_size_and_layers():

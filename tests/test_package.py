@@ -4,7 +4,6 @@ import json
 import shutil
 
 import pytest
-
 from conftest import TINY, assert_clean_error, run_cli
 
 

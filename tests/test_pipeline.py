@@ -1,16 +1,18 @@
 import numpy as np
 import pytest
 
-from cloudmask import data, pipeline, preprocess
+from cloudmask.dataset import preprocess
+from cloudmask.dataset.files import find_files, read_sample
+from cloudmask.dataset.preprocess import Geometry
 from cloudmask.errors import DataError
-from cloudmask.preprocess import Geometry
+from cloudmask.inputs import hdf5_source
+from cloudmask.inputs.batches import StreamSettings
 
 
-def _stream(files, **kw):
-    args = dict(geometry=Geometry(), normalisation="fixed", batch_size=8, seed=3, shuffle=True, window_files=2,
-                read_threads=2)
+def _stream(files, geometry=Geometry(), skip_bad=False, **kw):
+    args = dict(batch_size=8, seed=3, shuffle=True, window_files=2, read_threads=2)
     args.update(kw)
-    return pipeline.PatchStream(files, **args)
+    return hdf5_source.PatchStream(files, hdf5_source.RawReading(geometry, skip_bad=skip_bad), StreamSettings(**args))
 
 
 def _epoch(stream, epoch_index=0):
@@ -22,11 +24,11 @@ def _epoch(stream, epoch_index=0):
 
 
 def test_batches_are_normalised_reference_patches(dataset):
-    files = data.find_files(dataset / "training")[:2]
+    files = find_files(dataset / "training")[:2]
     stream = _stream(files, shuffle=False, batch_size=20)
     assert stream.steps == 2
     x, y = next(iter(stream))
-    s = data.read_sample(files[0])
+    s = read_sample(files[0])
     expected = preprocess.train_patches(preprocess.normalise(s.image, "fixed"))
     np.testing.assert_array_equal(x, expected)
     np.testing.assert_array_equal(y, preprocess.train_patches(s.label).astype(np.float32))
@@ -34,7 +36,7 @@ def test_batches_are_normalised_reference_patches(dataset):
 
 
 def test_every_patch_once_per_epoch_and_a_new_order_every_epoch(dataset):
-    files = data.find_files(dataset / "training")  # 5 files = 100 patches
+    files = find_files(dataset / "training")  # 5 files = 100 patches
     stream = _stream(files, batch_size=10)
     assert stream.steps == 10
     it = iter(stream)
@@ -48,7 +50,7 @@ def test_every_patch_once_per_epoch_and_a_new_order_every_epoch(dataset):
 
 
 def test_same_seed_same_order_and_resume_reproduces_the_epoch(dataset):
-    files = data.find_files(dataset / "training")
+    files = find_files(dataset / "training")
     a = _epoch(_stream(files), epoch_index=1)
     resumed = _stream(files, start_epoch=1)
     b = [next(iter_) for iter_ in [iter(resumed)] for _ in range(resumed.steps)]
@@ -60,7 +62,7 @@ def test_same_seed_same_order_and_resume_reproduces_the_epoch(dataset):
 
 
 def test_remainder_is_dropped_and_validation_repeats_identically(dataset):
-    files = data.find_files(dataset / "training")[:3]  # 60 patches
+    files = find_files(dataset / "training")[:3]  # 60 patches
     stream = _stream(files, batch_size=16, shuffle=False)
     assert stream.steps == 3  # 48 used, 12 dropped
     it = iter(stream)
@@ -72,11 +74,11 @@ def test_remainder_is_dropped_and_validation_repeats_identically(dataset):
 
 def test_too_few_patches_for_a_batch(dataset):
     with pytest.raises(DataError, match="fewer than one batch"):
-        _stream(data.find_files(dataset / "training")[:1], batch_size=32)
+        _stream(find_files(dataset / "training")[:1], batch_size=32)
 
 
 def test_a_bad_file_mid_stream_raises_or_is_skipped(dataset_copy):
-    files = data.find_files(dataset_copy / "training")
+    files = find_files(dataset_copy / "training")
     with open(files[1], "r+b") as f:
         f.truncate(5000)
     strict = _stream(files, shuffle=False)
@@ -92,12 +94,12 @@ def test_a_bad_file_mid_stream_raises_or_is_skipped(dataset_copy):
 
 
 def test_screen_files_catches_header_problems(dataset_copy):
-    files = data.find_files(dataset_copy / "training")
+    files = find_files(dataset_copy / "training")
     with open(files[0], "r+b") as f:
         f.truncate(100)
     with pytest.raises(DataError, match="not a readable HDF5 file"):
-        pipeline.screen_files(files, Geometry(), skip_bad=False, what="training")
-    assert pipeline.screen_files(files, Geometry(), skip_bad=True, what="training") == files[1:]
+        hdf5_source.screen_files(files, Geometry(), skip_bad=False, what="training")
+    assert hdf5_source.screen_files(files, Geometry(), skip_bad=True, what="training") == files[1:]
 
 
 def test_memory_stays_bounded_with_more_files(dataset, tmp_path):
@@ -106,7 +108,7 @@ def test_memory_stays_bounded_with_more_files(dataset, tmp_path):
 
     import psutil
 
-    files = data.find_files(dataset / "training")
+    files = find_files(dataset / "training")
     many = files * 6  # 30 file reads per epoch
     stream = _stream(many, batch_size=20, window_files=2)
     proc = psutil.Process(os.getpid())
@@ -141,7 +143,7 @@ def test_every_read_path_gives_the_bits_of_the_reference_recipe(dataset_copy, la
     normalisation and the general path agree bit for bit with an independent h5py implementation."""
     import h5py
 
-    path = data.find_files(dataset_copy / "training")[0]
+    path = find_files(dataset_copy / "training")[0]
     with h5py.File(path, "r+") as f:
         arrays = {k: f[k][()] for k in ("refs", "bts", "bayes")}
         if layout == "nan-pixels":
@@ -159,10 +161,10 @@ def test_every_read_path_gives_the_bits_of_the_reference_recipe(dataset_copy, la
                 f.create_dataset(key, data=value)
     normalisation = "zscore" if layout == "zscore" else "fixed"
     image, label = _independent(path, normalisation)
-    x, y = pipeline.load_train_patches(path, Geometry(), normalisation, 0.5)
+    x, y = hdf5_source.load_train_patches(path, Geometry(), normalisation, 0.5)
     assert x.dtype == np.float32 and np.array_equal(x.view(np.uint32), preprocess.train_patches(image).view(np.uint32))
     assert np.array_equal(y, preprocess.train_patches(label))
-    full, full_label = pipeline.load_normalised_image(path, Geometry(), normalisation, 0.5)
+    full, full_label = hdf5_source.load_normalised_image(path, Geometry(), normalisation, 0.5)
     assert np.array_equal(full.view(np.uint32), image.view(np.uint32)) and np.array_equal(full_label, label[..., 0])
 
 
@@ -175,6 +177,6 @@ def test_contiguous_datasets_are_read_by_offset_not_through_h5py(dataset, monkey
         raise AssertionError("data read through h5py")
 
     monkeypatch.setattr(h5py.Dataset, "__getitem__", refuse)
-    path = data.find_files(dataset / "training")[0]
-    x, y = pipeline.load_train_patches(path, Geometry(), "fixed", 0.5)
+    path = find_files(dataset / "training")[0]
+    x, y = hdf5_source.load_train_patches(path, Geometry(), "fixed", 0.5)
     assert x.shape == (20, 256, 256, 9) and y.shape == (20, 256, 256, 1)

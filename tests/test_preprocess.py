@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from cloudmask import preprocess
-from cloudmask.preprocess import Geometry
+from cloudmask.dataset import preprocess
+from cloudmask.dataset.preprocess import Geometry
 
 
 def test_reference_geometry_numbers():
@@ -110,6 +110,6 @@ def test_preprocess_does_not_import_tensorflow():
     import subprocess
     import sys
 
-    code = "import sys, cloudmask.preprocess, cloudmask.data; print('tensorflow' in sys.modules, 'keras' in sys.modules)"
+    code = "import sys, cloudmask.dataset.preprocess, cloudmask.dataset.files; print('tensorflow' in sys.modules, 'keras' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False False"

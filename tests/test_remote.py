@@ -17,11 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from cloudmask import remote, store, zarr_arrays
-from cloudmask.config import load_config
-from cloudmask.errors import ConfigError, DataError
 from conftest import TINY, assert_clean_error, run_cli
+
+from cloudmask.config import load_config
+from cloudmask.dataset import object_storage
+from cloudmask.errors import ConfigError, DataError
+from cloudmask.inputs import store, zarr_arrays
+from cloudmask.inputs.batches import StreamSettings
 
 pytest.importorskip("s3fs")
 pytest.importorskip("upath")
@@ -63,7 +65,7 @@ def s3(dataset, tmp_path_factory):
            "AWS_CONFIG_FILE": nowhere}
     before = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # for the CLI runs (they inherit it) and the in-process reads
-    remote.configure(load_config().data.remote)
+    object_storage.configure(load_config().data.remote)
     yield admin
     for k, v in before.items():
         os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
@@ -132,10 +134,11 @@ def _batches(path, split: str, n: int = 4) -> list:
     os.environ.update(AWS_ACCESS_KEY_ID="reader", AWS_SECRET_ACCESS_KEY="reader")
     try:
         st = store.open_store(path, cfg)
-        stream = store.StoreStream(st, split, batch_size=8, seed=3, shuffle=True, order="global", read_threads=2)
+        stream = store.StoreStream(st, split, StreamSettings(batch_size=8, seed=3, shuffle=True, order="global",
+                                                             read_threads=2))
         out = [b for _, b in zip(range(n), iter(stream))]
         stream.close()
-        images = store.test_images(st)
+        images = store.store_test_images(st)
         out.append([images.load(p)[1] for p in images.files])
     finally:
         for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
@@ -248,11 +251,11 @@ def test_credentials_never_reach_a_file_of_the_run(s3, tmp_path):
 
 
 def test_urls_lose_their_credentials_but_keep_them_for_the_process():
-    url = remote.take_credentials("s3://AK:se%2Fcret@bucket/prefix/x")
+    url = object_storage.take_credentials("s3://AK:se%2Fcret@bucket/prefix/x")
     assert url == "s3://bucket/prefix/x"
-    assert remote.storage_options(url)["secret"] == "se/cret" and remote.storage_options(url)["key"] == "AK"
-    assert remote.redact("failed: s3://AK:se@bucket/x and gs://u@b/y") == "failed: s3://bucket/x and gs://b/y"
-    assert remote.take_credentials("/data/x@y") == "/data/x@y" and not remote.is_url("file:///data")
+    assert object_storage.storage_options(url)["secret"] == "se/cret" and object_storage.storage_options(url)["key"] == "AK"
+    assert object_storage.redact("failed: s3://AK:se@bucket/x and gs://u@b/y") == "failed: s3://bucket/x and gs://b/y"
+    assert object_storage.take_credentials("/data/x@y") == "/data/x@y" and not object_storage.is_url("file:///data")
     cfg = load_config(overrides=["data.root=s3://K2:S2@b2/ds"])
     assert cfg.data.root == "s3://b2/ds" and "S2" not in cfg.to_yaml()
 
@@ -269,12 +272,12 @@ def test_bad_remote_settings_name_the_key(override, needle):
 def test_without_the_cloud_packages_a_url_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "upath", None)  # what an install without the cloud extra has
     with pytest.raises(DataError, match=r"cloudmask-bench\[cloud\]"):
-        remote.location("s3://bucket/ds")
+        object_storage.location("s3://bucket/ds")
 
 
 def test_kvikio_is_used_only_where_it_can_be(tmp_path):
     pytest.importorskip("zarr")
-    assert "object storage" in zarr_arrays.kvikio_reason(remote.location("s3://b/store"), "jax")
+    assert "object storage" in zarr_arrays.kvikio_reason(object_storage.location("s3://b/store"), "jax")
     assert "backend is tensorflow" in zarr_arrays.kvikio_reason(tmp_path, "tensorflow")
     reason = zarr_arrays.kvikio_reason(tmp_path, "jax")  # this machine: no kvikIO (or no GPU)
     assert reason and ("kvikIO is not installed" in reason or reason == "no GPU")

@@ -7,10 +7,10 @@ import json
 import math
 
 import pytest
-
-from cloudmask.config import load_config
-from cloudmask.report import describe
 from conftest import assert_clean_error, run_cli
+
+from cloudmask.campaign.report import describe
+from cloudmask.config import load_config
 
 
 def test_describe_known_values():

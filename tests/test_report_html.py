@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
 from conftest import require, run_cli
 from test_report import _fake_run
 

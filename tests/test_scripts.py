@@ -13,14 +13,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def shell_scripts() -> list[Path]:
-    found = [p for d in ("scripts", "slurm", "containers", ".ci") for p in sorted((REPO / d).glob("*"))
+    found = [p for d in ("scripts", "slurm", "containers", ".ci") for p in sorted((REPO / d).rglob("*"))
              if p.is_file() and (p.suffix == ".sh" or p.read_bytes()[:20].startswith(b"#!/usr/bin/env bash"))]
     return found
 
 
 def test_there_are_scripts_to_check():
     names = {p.name for p in shell_scripts()}
-    assert {"train.sh", "aggregate.sh", "test.sh", "bench.sh", "env.sh", "run"} <= names
+    assert {"train.sh", "aggregate.sh", "test.sh", "bench.sh", "env.sh", "run", "container_ci.sh", "apptainer_ci.sh",
+            "gpu_suite.sh"} <= names
 
 
 def test_shellcheck():

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY, run_cli
 
 # A real cluster and real jobs: minutes. Left out of the default run; `./scripts/test.sh -m slow` (and CI) runs them.

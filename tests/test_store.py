@@ -7,11 +7,14 @@ import json
 
 import numpy as np
 import pytest
-
-from cloudmask import benchmark, data, pipeline, store
-from cloudmask.config import load_config
-from cloudmask.preprocess import Geometry
 from conftest import TINY, assert_clean_error, run_cli
+
+from cloudmask.config import load_config
+from cloudmask.dataset.files import find_files, split_files
+from cloudmask.dataset.preprocess import Geometry
+from cloudmask.inputs import hdf5_source, store
+from cloudmask.inputs.batches import StreamSettings, epoch_patches
+from cloudmask.run import modes
 
 # float16 keeps 11 significant bits: |x - float16(x)| <= 2**-11 |x|; the normalised inputs stay below ~4
 F16_ABS = 4 * 2.0 ** -11
@@ -19,14 +22,14 @@ F16_ABS = 4 * 2.0 ** -11
 
 def test_store_layout_and_metadata(prepared, dataset):
     meta = json.loads((prepared / "store.json").read_text())
-    files = data.find_files(dataset / "training")
-    train, val = data.split_files(files, 0.8, 42)
+    files = find_files(dataset / "training")
+    train, val = split_files(files, 0.8, 42)
     assert meta["files"]["train"] == [p.relative_to(dataset / "training").as_posix() for p in train]
     assert meta["counts"] == {"train_x": 20 * len(train), "val_x": 20 * len(val), "test_x": 2}
     x = np.load(prepared / "train_x.npy", mmap_mode="r")
     y = np.load(prepared / "train_y.npy", mmap_mode="r")
     assert x.dtype == np.float16 and x.shape == (80, 256, 256, 9) and y.dtype == np.uint8
-    raw_x, raw_y = pipeline.load_train_patches(train[2], Geometry(), "fixed", 0.5)
+    raw_x, raw_y = hdf5_source.load_train_patches(train[2], Geometry(), "fixed", 0.5)
     np.testing.assert_allclose(x[40:60].astype(np.float32), raw_x, atol=F16_ABS, rtol=0)
     np.testing.assert_array_equal(y[40:60], raw_y)
 
@@ -48,7 +51,7 @@ def test_replicate_makes_a_full_size_store_of_copies(prepared, tmp_path):
     np.testing.assert_array_equal(np.load(big / "test_y.npy")[3], np.load(prepared / "test_y.npy")[1])
     assert meta["geometry"] == src["geometry"] and meta["normalisation"] == src["normalisation"]
     cfg = load_config(overrides=TINY)
-    images = store.test_images(store.open_store(big, cfg))
+    images = store.store_test_images(store.open_store(big, cfg))
     assert len(images.files) == 5
     assert_clean_error(run_cli("data", "replicate", str(prepared), str(big)), "already exists")
     assert_clean_error(run_cli("data", "replicate", str(tmp_path / "none"), str(tmp_path / "x")), "not a patch store")
@@ -56,10 +59,11 @@ def test_replicate_makes_a_full_size_store_of_copies(prepared, tmp_path):
 
 def test_window_order_reproduces_the_streaming_pipeline(prepared, dataset):
     cfg = load_config(overrides=[f"data.root={dataset}", "train.batch_size=8", "train.shuffle_buffer_files=3"])
-    files = data.split_files(data.find_files(dataset / "training"), 0.8, 42)[0]
-    raw = pipeline.PatchStream(files, Geometry(), "fixed", batch_size=8, seed=5, shuffle=True, window_files=3)
+    files = split_files(find_files(dataset / "training"), 0.8, 42)[0]
+    settings = StreamSettings(batch_size=8, seed=5, shuffle=True, order="window", window_files=3)
+    raw = hdf5_source.PatchStream(files, hdf5_source.RawReading(Geometry()), settings)
     st = store.open_store(prepared, cfg)
-    ours = store.StoreStream(st, "train", batch_size=8, seed=5, shuffle=True, order="window", window_files=3)
+    ours = store.StoreStream(st, "train", settings)
     assert (ours.batches, ours.steps) == (raw.batches, raw.steps)
     for (xr, yr), (xs, ys) in itertools.islice(zip(raw, ours), 2 * raw.steps):  # two epochs
         np.testing.assert_allclose(xs, xr, atol=F16_ABS, rtol=0)
@@ -69,14 +73,15 @@ def test_window_order_reproduces_the_streaming_pipeline(prepared, dataset):
 def test_global_order_is_a_fresh_permutation_every_epoch(prepared, dataset):
     cfg = load_config(overrides=[f"data.root={dataset}"])
     st = store.open_store(prepared, cfg)
-    s = store.StoreStream(st, "train", batch_size=8, seed=1, shuffle=True, order="global")
-    e0, e1 = s.epoch_order(0), s.epoch_order(1)
+    settings = StreamSettings(batch_size=8, seed=1, shuffle=True, order="global")
+    s = store.StoreStream(st, "train", settings)
+    e0, e1 = epoch_patches(s.order, 0), epoch_patches(s.order, 1)
     assert len(set(e0)) == len(e0) == 80 and sorted(e0) == list(range(80))
     assert not np.array_equal(e0, e1)
-    np.testing.assert_array_equal(e0, store.StoreStream(st, "train", 8, 1, True, "global").epoch_order(0))
+    np.testing.assert_array_equal(e0, epoch_patches(store.StoreStream(st, "train", settings).order, 0))
     for mode in ("host", "device"):
-        reads = store.StoreStream(st, "train", batch_size=8, seed=1, shuffle=True, order="global")
-        resident = store.StoreStream(st, "train", batch_size=8, seed=1, shuffle=True, order="global", resident=mode)
+        reads = store.StoreStream(st, "train", settings)
+        resident = store.StoreStream(st, "train", settings, resident=mode)
         for (a, b), (c, d) in itertools.islice(zip(reads, resident), 12):
             np.testing.assert_array_equal(a, np.asarray(c))
             np.testing.assert_array_equal(b, np.asarray(d))
@@ -86,8 +91,8 @@ def test_training_from_the_store_matches_the_raw_files(prepared, dataset, tmp_pa
     """Same seed, deterministic CPU: the store's float16 inputs move each epoch's loss by far less than 1e-3
     (stated tolerance: 2e-3 absolute on losses and accuracies, 5e-3 on the test accuracy)."""
     common = [*TINY, "train.deterministic=true", "train.epochs=2"]
-    raw = benchmark.run(load_config(overrides=[*common, f"data.root={dataset}"]), tmp_path / "raw")
-    ours = benchmark.run(load_config(overrides=[*common, f"data.store={prepared}"]), tmp_path / "store")
+    raw = modes.run(load_config(overrides=[*common, f"data.root={dataset}"]), tmp_path / "raw")
+    ours = modes.run(load_config(overrides=[*common, f"data.store={prepared}"]), tmp_path / "store")
     for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
         np.testing.assert_allclose(ours["history"][key], raw["history"][key], atol=2e-3, rtol=0, err_msg=key)
     assert ours["test"]["avg_accuracy"] == pytest.approx(raw["test"]["avg_accuracy"], abs=5e-3)
@@ -98,9 +103,9 @@ def test_training_from_the_store_matches_the_raw_files(prepared, dataset, tmp_pa
 
 
 def test_staging_a_store_copies_it_once(prepared, tmp_path):
-    target, first = store.stage(prepared, tmp_path / "local")
+    target, first = store.stage_store(prepared, tmp_path / "local")
     assert target == tmp_path / "local" / prepared.name and first.copied == first.files == 7
-    _, again = store.stage(prepared, tmp_path / "local")
+    _, again = store.stage_store(prepared, tmp_path / "local")
     assert again.copied == 0
     assert (target / "store.json").read_text() == (prepared / "store.json").read_text()
 
@@ -135,14 +140,14 @@ def test_throughput_mode_prints_the_fields_as_json(prepared):
     assert (r["timed_steps"], r["warmup_steps"], r["input"], r["devices"]) == (3, 1, "patch-store", ["CPU"])
     assert r["train_gflop_per_patch"] == pytest.approx(3 * r["forward_gflop_per_patch"])
     assert r["utilisation"] is None and r["device_peak_tflops"] is None  # no known peak for a CPU
-    from cloudmask import model as model_lib
+    from cloudmask.training import model as model_lib
 
     tiny = model_lib.build_unet(256, 9, 4, 2)
     assert r["forward_gflop_per_patch"] == pytest.approx(model_lib.forward_flops(tiny) / 1e9)
 
 
 def test_device_peaks():
-    from cloudmask.throughput import device_peak
+    from cloudmask.run.throughput import device_peak
 
     assert device_peak("NVIDIA H100 80GB HBM3", "mixed_bfloat16") == pytest.approx(989.4e12)
     assert device_peak("NVIDIA H100 80GB HBM3", "fp32") == pytest.approx(67e12)
@@ -154,7 +159,7 @@ def test_the_comparison_script_prints_the_ratio_table(tmp_path):
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "compare_pipelines.py"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "measure" / "compare_pipelines.py"
     done = subprocess.run([sys.executable, str(script), "--files", "3", "--threads", "1", "--work", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
@@ -170,6 +175,6 @@ def test_the_comparison_script_prints_the_ratio_table(tmp_path):
 def test_a_device_resident_globally_shuffled_run(prepared, tmp_path):
     cfg = load_config(overrides=[*TINY, f"data.store={prepared}", "data.resident=device", "train.shuffle=global",
                                  "train.epochs=1", "infer.max_files=1"])
-    results = benchmark.run(cfg, tmp_path / "run")
+    results = modes.run(cfg, tmp_path / "run")
     assert results["status"] == "success" and np.isfinite(results["history"]["loss"]).all()
     assert {"train.shuffle", "data.store"} <= set(results["deviations"])

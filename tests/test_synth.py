@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from cloudmask import synth
+from cloudmask.dataset import synth
 from cloudmask.errors import DataError
 
 H, W = 120, 150  # small images keep the file-level tests fast; physics uses larger ones

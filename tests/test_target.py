@@ -9,11 +9,12 @@ import sys
 import time
 
 import pytest
-
-from cloudmask import benchmark, energy_sources
-from cloudmask.config import load_config
 from conftest import TINY, assert_clean_error, run_cli
 from fake_nvml import two_gpus
+
+from cloudmask.config import load_config
+from cloudmask.run import modes
+from cloudmask.telemetry import energy_sources
 
 
 def _mllog(run) -> list[dict]:
@@ -31,7 +32,7 @@ def _with_target(line: str, value: float) -> str:
 
 
 def _run(dataset, out, *extra):
-    return benchmark.run(load_config(overrides=[*TINY, f"data.root={dataset}", *extra]), out)
+    return modes.run(load_config(overrides=[*TINY, f"data.root={dataset}", *extra]), out)
 
 
 def test_a_target_reached_early_stops_the_run_with_time_and_energy(dataset, tmp_path, monkeypatch):

@@ -4,12 +4,12 @@ import threading
 import time
 
 import pytest
-
-from cloudmask import energy_sources
-from cloudmask.energy import EnergyMeter
-from cloudmask.energy_sources import NvmlGpus, RaplPackages
-from cloudmask.timers import Timers
 from fake_nvml import FakeGpu, FakeNvml, ramp, two_gpus
+
+from cloudmask.telemetry import energy_sources
+from cloudmask.telemetry.energy import EnergyMeter
+from cloudmask.telemetry.energy_sources import NvmlGpus, RaplPackages
+from cloudmask.telemetry.timers import Timers
 
 
 def _meter(nvml, environ=None, interval=0.02, power_csv=None, powercap=None, tmp=None):
@@ -22,13 +22,15 @@ def _meter(nvml, environ=None, interval=0.02, power_csv=None, powercap=None, tmp
 
 def test_timers_nest_and_have_unique_names():
     t = Timers()
-    with t.phase("run"):
-        with t.phase("train"):
-            for _ in range(2):
-                with t.phase("epoch"):
-                    time.sleep(0.01)
-        with t.phase("inference"):
-            pass
+    run = t.start("run")
+    train = t.start("train")
+    for _ in range(2):
+        epoch = t.start("epoch")
+        time.sleep(0.01)
+        t.stop(epoch)
+    t.stop(train)
+    t.stop(t.start("inference"))
+    t.stop(run)
     names = [r.name for r in t.records]
     assert names == ["run", "run/train", "run/train/epoch", "run/train/epoch#2", "run/inference"]
     assert [r.depth for r in t.records] == [0, 1, 2, 2, 1]
@@ -50,8 +52,7 @@ def test_stopping_an_outer_phase_closes_inner_ones_and_csv_keeps_earlier_attempt
     path = tmp_path / "timers.csv"
     t.write_csv(path)
     again = Timers(attempt=2)
-    with again.phase("run"):
-        pass
+    again.stop(again.start("run"))
     again.write_csv(path)
     rows = list(csv.DictReader(open(path)))
     assert [(r["attempt"], r["name"]) for r in rows] == [("1", "run"), ("1", "run/train"), ("2", "run")]
@@ -109,10 +110,9 @@ def test_sampling_interval_is_honoured_and_written_to_power_csv(tmp_path):
 
 def test_the_sampler_thread_stops(tmp_path):
     meter = _meter(two_gpus(), interval=0.01, tmp=tmp_path).start()
-    assert meter.running
+    assert [t for t in threading.enumerate() if t.name == "cloudmask-energy"]
     time.sleep(0.05)
     meter.stop()
-    assert not meter.running
     assert not [t for t in threading.enumerate() if t.name == "cloudmask-energy"]
     assert meter.source("gpu")._nvml is None  # NVML shut down
     count = meter.samples_taken
@@ -128,7 +128,7 @@ def test_missing_nvml_degrades_cleanly(tmp_path):
     meter.stop()
     summary = meter.summary()
     assert summary["gpu"]["method"] == "none" and "NVML Shared Library Not Found" in summary["gpu"]["reason"]
-    assert summary["gpu"]["devices"] == [] and not meter.running
+    assert summary["gpu"]["devices"] == [] and not [t for t in threading.enumerate() if t.name == "cloudmask-energy"]
 
 
 def test_real_pynvml_without_a_driver_degrades_cleanly(tmp_path):
@@ -216,9 +216,10 @@ def test_rapl_absent_or_unreadable(tmp_path):
 
 
 def test_a_run_with_a_fake_gpu_records_energy_everywhere(dataset, tmp_path, monkeypatch):
-    from cloudmask import benchmark
-    from cloudmask.config import load_config
     from conftest import TINY, run_cli
+
+    from cloudmask.config import load_config
+    from cloudmask.run import modes
 
     fake = two_gpus(counter=True)
     monkeypatch.setattr(energy_sources, "_load_nvml", lambda: fake)
@@ -226,7 +227,7 @@ def test_a_run_with_a_fake_gpu_records_energy_everywhere(dataset, tmp_path, monk
     out = tmp_path / "run"
     cfg = load_config(overrides=[*TINY, f"data.root={dataset}", "telemetry.idle_seconds=0.2",
                                  "telemetry.interval_s=0.05"])
-    results = benchmark.run(cfg, out)
+    results = modes.run(cfg, out)
     gpu = results["energy"]["gpu"]
     assert gpu["method"] == "counter" and len(gpu["devices"]) == 2
     d0, d1 = gpu["devices"]

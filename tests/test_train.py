@@ -12,16 +12,17 @@ import time
 import h5py
 import numpy as np
 import pytest
-
-from cloudmask import benchmark, data
-from cloudmask.config import load_config
-from cloudmask.errors import DataError
 from conftest import TINY, assert_clean_error, run_cli
+
+from cloudmask.config import load_config
+from cloudmask.dataset.files import find_files, read_sample, resolve_layout, stage_dataset
+from cloudmask.errors import DataError
+from cloudmask.run import modes
 
 
 def _train(dataset, out, *extra):
     cfg = load_config(overrides=[*TINY, f"data.root={dataset}", *extra])
-    return benchmark.run(cfg, out)
+    return modes.run(cfg, out)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def test_masks_are_compact_and_match_the_scores(finished_run, dataset):
             mask = f["mask"][()]
             assert mask.dtype == np.uint8 and mask.shape == (1200, 1500)
             assert "probability" not in f
-        truth = data.read_sample(dataset / "inference" / scored["file"]).label[..., 0]
+        truth = read_sample(dataset / "inference" / scored["file"]).label[..., 0]
         assert np.mean(mask == truth) == pytest.approx(scored["accuracy"])
         assert mask_file.stat().st_size < 2e6  # the reference wrote ~149 MB per image
 
@@ -273,7 +274,7 @@ def test_a_corrupt_checkpoint_on_resume(dataset, tmp_path):
 @pytest.mark.slow  # about a minute on 2 cores
 def test_a_bad_file_met_mid_run(dataset_copy, tmp_path):
     # headers fine, values all NaN: found only when the file is read during the epoch
-    victim = data.find_files(dataset_copy / "training")[0]
+    victim = find_files(dataset_copy / "training")[0]
     with h5py.File(victim, "r+") as f:
         f["bts"][...] = np.nan
         f["refs"][...] = np.nan
@@ -331,9 +332,9 @@ def test_infer_scores_a_finished_run_into_a_new_directory(finished_run, tmp_path
 def test_stage_to_copies_the_dataset_once_and_logs_mlperf_staging(dataset, tmp_path):
     stage = tmp_path / "node-local"
     cfg = load_config(overrides=[*TINY, "train.epochs=1", "infer.max_files=1", f"data.root={dataset}"])
-    results = benchmark.run(cfg, tmp_path / "run", stage_to=stage)
+    results = modes.run(cfg, tmp_path / "run", stage_to=stage)
     staged = results["staging"][0]
-    n_files = len(data.find_files(dataset / "training")) + len(data.find_files(dataset / "inference"))
+    n_files = len(find_files(dataset / "training")) + len(find_files(dataset / "inference"))
     assert (staged["files"], staged["copied"]) == (n_files, n_files)
     assert sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*.hdf")) == \
         sorted(p.relative_to(dataset).as_posix() for p in dataset.rglob("*.hdf"))
@@ -341,7 +342,7 @@ def test_stage_to_copies_the_dataset_once_and_logs_mlperf_staging(dataset, tmp_p
     assert log.index('"staging_start"') < log.index('"staging_stop"') < log.index('"init_stop"')
     assert run_cli("check-log", str(tmp_path / "run")).returncode == 0
     # a second run staging to the same place (a task requeued onto the same node) copies nothing
-    layout, again = data.stage(data.resolve_layout(str(dataset)), stage)
+    layout, again = stage_dataset(resolve_layout(str(dataset)), stage)
     assert (again.files, again.copied) == (n_files, 0) and layout.train_dir == stage / "training"
 
 

@@ -1,4 +1,4 @@
-"""A fake ``pynvml`` for whole processes (CLI runs, scripts/gpu_suite.py): put tests/fake_gpu and tests first on
+"""A fake ``pynvml`` for whole processes (CLI runs, scripts/measure/gpu_suite.py): put tests/fake_gpu and tests first on
 PYTHONPATH. One "NVIDIA H200" with an energy counter, whose power rises from 100 W by 2 W per second since the
 process imported this module, so work done after an idle baseline measures above it."""
 

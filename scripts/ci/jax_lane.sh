@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The JAX lane: Keras 3 on JAX in its own environment without TensorFlow (.venv-jax), as on the GPU machine that
+# can be borrowed (JAX, no TensorFlow). Runs tests/test_jax_lane.py (bench end to end + check-log, resume,
+# throughput from a device-resident store) and the energy tests (simulated NVML, one whole run) with
+# KERAS_BACKEND=jax. .ci/run calls it after the TensorFlow suite.
+#   ./scripts/ci/jax_lane.sh [pytest arguments]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export CLOUDMASK_VENV=${CLOUDMASK_JAX_VENV:-$PWD/.venv-jax}
+# shellcheck source=scripts/env.sh
+source scripts/env.sh
+cloudmask_env jax,test
+export KERAS_BACKEND=jax
+exec python -m pytest tests/test_jax_lane.py tests/test_telemetry.py "$@"

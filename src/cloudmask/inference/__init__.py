@@ -1,0 +1,1 @@
+"""Test inference and scoring: test patches -> predictions -> stitched masks -> per-file accuracy."""
