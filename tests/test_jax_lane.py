@@ -83,8 +83,8 @@ THROUGHPUT_FIELDS = {"backend", "devices", "precision", "batch_size", "input", "
 
 
 def test_gpu_suite_runs_end_to_end_on_the_cpu(tmp_path):
-    """scripts/measure/gpu_suite.sh --cpu --small: every step of the H200 suite, with the driver's two faces faked at their
-    narrowest boundary (the pynvml module and the nvidia-smi program, tests/fake_gpu)."""
+    """scripts/measure/gpu_suite.sh --cpu --small: every step of the H200 suite, with the driver's two faces faked
+    at their narrowest boundary (the pynvml module and the nvidia-smi program, tests/fake_gpu)."""
     tests = os.path.dirname(__file__)
     fake = os.path.join(tests, "fake_gpu")
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}",

@@ -6,7 +6,7 @@ from cloudmask.errors import CloudmaskError
 from cloudmask.run import mlperf
 
 
-def _write_log(path, drop=(), division="open", batch=8, lr=0.001):
+def _write_log(path, drop=(), division="open", batch=8, lr=0.001, deviations=("model.filters",)):
     """A complete, minimal cloudmask MLPerf log written through the real MLPerfLog."""
     log = mlperf.MLPerfLog(path)
     events = [
@@ -17,8 +17,8 @@ def _write_log(path, drop=(), division="open", batch=8, lr=0.001):
         ("event", "seed", 1234, {}), ("event", "global_batch_size", batch, {}), ("event", "opt_name", "adam", {}),
         ("event", "gradient_accumulation_steps", 1, {}),
         ("event", "opt_base_learning_rate", lr, {}), ("event", "train_samples", 80, {}),
-        ("event", "eval_samples", 20, {}), ("event", "number_of_nodes", 1, {}),
-        ("event", "accelerators_per_node", 0, {}),
+        ("event", "eval_samples", 20, {}), ("event", "number_of_ranks", 1, {}), ("event", "number_of_nodes", 1, {}),
+        ("event", "accelerators_per_node", 0, {}), ("event", "cloudmask_deviations", list(deviations), {}),
         ("end", "init_stop", None, {}), ("start", "run_start", None, {}),
         ("start", "epoch_start", None, {"epoch_num": 1}), ("start", "eval_start", None, {"epoch_num": 1}),
         ("end", "eval_stop", None, {"epoch_num": 1}), ("end", "epoch_stop", None, {"epoch_num": 1}),
@@ -41,7 +41,7 @@ def test_a_complete_log_passes(tmp_path):
 
 @pytest.mark.parametrize("key", ["run_stop", "run_start", "init_stop", "seed", "submission_benchmark",
                                  "eval_accuracy", "epoch_start", "result", "train_samples",
-                                 "gradient_accumulation_steps"])
+                                 "gradient_accumulation_steps", "number_of_ranks", "cloudmask_deviations"])
 def test_a_log_missing_a_required_key_fails(tmp_path, key):
     ok, output = mlperf.check_log(_write_log(tmp_path / "mlperf.log", drop=(key,)))
     assert not ok
@@ -49,11 +49,14 @@ def test_a_log_missing_a_required_key_fails(tmp_path, key):
 
 
 def test_closed_division_requires_reference_hyperparameters(tmp_path):
-    ok, _ = mlperf.check_log(_write_log(tmp_path / "a.log", division="closed", batch=32))
+    ok, _ = mlperf.check_log(_write_log(tmp_path / "a.log", division="closed", batch=32, deviations=()))
     assert ok
-    ok, output = mlperf.check_log(_write_log(tmp_path / "b.log", division="closed", batch=8))
+    ok, output = mlperf.check_log(_write_log(tmp_path / "d.log", division="closed", batch=32))
+    assert not ok and "cloudmask_deviations" in output  # a closed run with a ledger deviation
+    ok, output = mlperf.check_log(_write_log(tmp_path / "b.log", division="closed", batch=8, deviations=()))
     assert not ok and "== 32" in output
-    ok, output = mlperf.check_log(_write_log(tmp_path / "c.log", division="closed", batch=32, lr=0.01))
+    ok, output = mlperf.check_log(_write_log(tmp_path / "c.log", division="closed", batch=32, lr=0.01,
+                                              deviations=()))
     assert not ok and "0.001" in output
 
 

@@ -110,6 +110,7 @@ def test_preprocess_does_not_import_tensorflow():
     import subprocess
     import sys
 
-    code = "import sys, cloudmask.dataset.preprocess, cloudmask.dataset.files; print('tensorflow' in sys.modules, 'keras' in sys.modules)"
+    code = ("import sys, cloudmask.dataset.preprocess, cloudmask.dataset.files; "
+            "print('tensorflow' in sys.modules, 'keras' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False False"

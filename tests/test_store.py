@@ -57,10 +57,11 @@ def test_replicate_makes_a_full_size_store_of_copies(prepared, tmp_path):
     assert_clean_error(run_cli("data", "replicate", str(tmp_path / "none"), str(tmp_path / "x")), "not a patch store")
 
 
-def test_window_order_reproduces_the_streaming_pipeline(prepared, dataset):
+@pytest.mark.parametrize("order", ["reference", "window"])
+def test_the_store_reproduces_the_streaming_pipelines_order(prepared, dataset, order):
     cfg = load_config(overrides=[f"data.root={dataset}", "train.batch_size=8", "train.shuffle_buffer_files=3"])
     files = split_files(find_files(dataset / "training"), 0.8, 42)[0]
-    settings = StreamSettings(batch_size=8, seed=5, shuffle=True, order="window", window_files=3)
+    settings = StreamSettings(batch_size=8, seed=5, shuffle=True, order=order, window_files=3)
     raw = hdf5_source.PatchStream(files, hdf5_source.RawReading(Geometry()), settings)
     st = store.open_store(prepared, cfg)
     ours = store.StoreStream(st, "train", settings)

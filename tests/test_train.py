@@ -47,7 +47,7 @@ def test_run_directory_holds_the_contract(finished_run):
 
 
 def test_results_schema(finished_run):
-    _, r = finished_run
+    out, r = finished_run
     assert r["benchmark"] == "cloudmask" and r["status"] == "success" and r["seed"] == 1234
     assert r["epochs_run"] == r["epochs_configured"] == 2
     for key in ("accuracy", "loss", "val_accuracy", "val_loss"):
@@ -63,9 +63,19 @@ def test_results_schema(finished_run):
     assert len(t["epoch_s"]) == 2 and t["train_s"] >= sum(t["epoch_s"]) * 0.99
     assert t["time_per_epoch_s"] == pytest.approx(t["train_s"] / 2)
     assert t["time_per_inference_s"] == pytest.approx(t["inference_s"] / 2)
+    # the reference's clock: data set-up, model build, fit and the model save (timers.csv), per configured epoch
+    timers = {row["name"]: float(row["seconds"]) for row in csv.DictReader(open(out / "timers.csv"))}
+    reference_s = timers["run/init/data"] + timers["run/init/model"] + timers["run/train"]
+    assert t["reference_train_s"] == pytest.approx(reference_s) and reference_s > t["train_s"]
+    assert t["reference_time_per_epoch_s"] == pytest.approx(reference_s / 2)
+    line = next(ln for ln in (out / "console.log").read_text().splitlines() if "CloudMask training," in ln)
+    assert line.endswith(f"time_per_epoch={t['reference_time_per_epoch_s']:.2f}")
     assert r["samples"] == {"train": 80, "val": 20, "train_files": 4, "val_files": 1, "test_files": 2,
                             "train_steps_per_epoch": 10}
     assert r["division"] == "open" and "model.filters" in r["deviations"]
+    events = {e["key"]: e["value"] for e in (json.loads(ln[len(":::MLLOG "):])
+                                             for ln in (out / "mlperf.log").read_text().splitlines())}
+    assert events["number_of_ranks"] == 1 and events["cloudmask_deviations"] == sorted(r["deviations"])
 
 
 def test_history_csv(finished_run):

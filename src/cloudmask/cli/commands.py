@@ -50,6 +50,17 @@ def config_show(args) -> int:
     return 0
 
 
+def config_ledger(args) -> int:
+    from ..config.ledger import markdown
+
+    print(markdown(), end="")
+    if args.config or args.set:
+        deviations = _config(args).deviations()
+        print(f"\nthis config: {', '.join(deviations) or 'no deviations'} (the backend is judged when a run "
+              "starts: JAX is one)")
+    return 0
+
+
 def data_synth(args) -> int:
     from ..dataset.synth import synthesize
 

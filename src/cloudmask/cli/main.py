@@ -260,6 +260,12 @@ def _add_config_command(sub) -> None:
                            description="Print the resolved configuration as YAML.")
     _add_config_options(p)
     p.set_defaults(func=commands.config_show)
+    p = cfg_sub.add_parser("ledger", help="every way a run can differ from the reference, and every key's class",
+                           description="Print the ledger of differences from the reference (config/ledger.py) "
+                                       "as the Markdown tables of docs/config.md; with --config/--set, also the "
+                                       "deviations of that config.")
+    _add_config_options(p)
+    p.set_defaults(func=commands.config_ledger)
 
 
 def _add_submit_options(p: argparse.ArgumentParser) -> None:

@@ -20,7 +20,7 @@ from ..dataset import object_storage
 from ..errors import ConfigError
 from ..training.distribution import DATA_PARALLEL, check_batch
 from . import reference
-from .rules import DATA_LOCATIONS, REFERENCE_VALUES, RULES, WORD_OFF
+from .rules import DATA_LOCATIONS, RULES, WORD_OFF
 
 # --------------------------------------------------------------------------------------------------------------
 # YAML: PyYAML follows YAML 1.1, where 1e-3 is a string; users write --set train.learning_rate=1e-3.
@@ -298,9 +298,8 @@ class Config:
         factor = {"none": 1.0, "linear": ratio, "sqrt": ratio ** 0.5}[self.train.lr_scaling]
         return self.train.learning_rate * factor
 
-    def deviations(self) -> dict[str, dict]:
-        """Keys whose value differs from the reference run: {key: {"value": ..., "reference": ...}}."""
-        out = {k: {"value": self[k], "reference": ref} for k, ref in REFERENCE_VALUES.items() if self[k] != ref}
-        if self.data.store:  # inputs are stored as float16
-            out["data.store"] = {"value": "float16 patch store", "reference": "float32 from HDF5"}
-        return out
+    def deviations(self, backend: str | None = None) -> dict[str, dict]:
+        """What makes a run with this config (on ``backend``) differ from the reference: ledger.py."""
+        from .ledger import deviations
+
+        return deviations(self, backend)

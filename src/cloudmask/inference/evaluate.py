@@ -1,10 +1,12 @@
-"""Inference and scoring on the test files, as the reference scores them (spec §2.3, §5):
-63 overlapping patches per image -> predict -> stitch -> p > 0.5 -> pixel accuracy over all 1.8 M pixels
-(borders included); ``avg_accuracy`` is the unweighted mean over files.
+"""Inference and scoring on the test files. The metric is the one of the reference's v1.2 variants (UVA's
+v1.2 of January 2023 and NYU's published runs; spec §2.3, §5) — the v1.1 code (mlcommons/science a11f727)
+computes no test accuracy, it only writes masks: 63 overlapping patches per image -> predict -> stitch ->
+p > 0.5 -> pixel accuracy over all 1.8 M pixels (borders included); ``avg_accuracy`` is the unweighted mean over
+files (config/ledger.py, "test metric").
 
 Faster than the reference without changing a number: test files are read ahead in threads, several images go
 through one predict call, and masks are written as gzip'd uint8 (optionally float16 probabilities) instead of
-the reference's ~149 MB of float32 debug tensors per image.
+v1.1's float64 mask array per image (14.4 MB; v1.2 and NYU's code also stored the patches, ≈ 149 MB).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class TestImages:
     """The test files to score: ``load(path)`` -> (63 test patches float32, full-size uint8 label (H, W)),
-    from the raw files (pipeline.py) or a patch store (store.py); ``root`` names them in the results."""
+    from the raw files (hdf5_source.py) or a patch store (store.py); ``root`` names them in the results."""
 
     __test__ = False  # not a pytest test class
 

@@ -2,20 +2,26 @@
 
 Patches of a split are numbered file-major: patch ``f * per_file + r`` is patch ``r`` of file ``f`` of the
 split's file list. ``epoch_windows`` is the one definition of the batch order; both sources, the raw HDF5 files
-(pipeline.py) and the patch store (store.py), are read through ``BatchStream`` in that order, so the same seed
-gives the same batches from either.
+(hdf5_source.py) and the patch store (store.py), are read through ``BatchStream`` in that order, so the same seed
+gives the same batches from either (and from the patch cache).
 
-* ``window`` (the default, the streaming order): every epoch permutes the file order with a generator seeded by
-  (seed, epoch), reads the files in windows of ``window_files`` and shuffles the patches of each window, with
-  what the previous window left over, together. The order changes every epoch (the reference's cache replays
-  the first epoch's) and is the same on every run with the same seed, also after ``--resume``. Memory is bounded
-  by a window, whatever the number of files. Without shuffling (validation) the files are read one at a time in
-  their order, and the batches are the same every epoch.
-* ``global`` (patch store only): a fresh permutation of all patches every epoch.
+* ``reference`` (the default): the reference's order (data_loader.py: ``shuffle(files)`` → patches file by file
+  → ``cache()`` → ``shuffle(32)`` → ``batch(32, drop_remainder=True)``). The file order is drawn once and kept
+  for every epoch, because the reference's ``cache()`` replays its first epoch; the patches then pass, file by
+  file, through a shuffle buffer of ``buffer`` patches that draws every patch it gives out uniformly from what
+  it holds, redrawn every epoch (tf.data's ``shuffle``, reshuffled each iteration). Validation goes through the
+  same order, as the reference's does. Memory: the files with a patch still in the buffer (a few), whatever the
+  number of files.
+* ``window`` (the streaming order of earlier versions; a deviation): every epoch permutes the file order with a
+  generator seeded by (seed, epoch), reads the files in windows of ``window_files`` and shuffles the patches of
+  each window, with what the previous window left over, together. Validation is not shuffled.
+* ``global`` (patch store only; a deviation): a fresh permutation of all patches every epoch.
 
-Every epoch yields exactly ``batches`` batches; the remainder is dropped, as the reference's
-``drop_remainder=True``. A file the source cannot read (``usable`` is False) contributes no patches; the epoch
-then reads on into the next pass over its files until it is full.
+Every order is the same on every run with the same seed, also after ``--resume``. Without shuffling the files
+are read one at a time in their order, and the batches are the same every epoch. Every epoch yields exactly
+``batches`` batches; the remainder is dropped, as the reference's ``drop_remainder=True``. A file the source
+cannot read (``usable`` is False) contributes no patches; the epoch then reads on into the next pass over its
+files until it is full.
 
 ``shard=(i, n)``: one of ``n`` workers training together; every batch is cut into ``n`` equal row ranges and
 this worker feeds range ``i``. ``micro_batches=k``: every (sharded) batch is fed as ``k`` consecutive equal
@@ -42,10 +48,11 @@ class BatchOrder:
     batch_size: int
     seed: int
     shuffle: bool
-    order: str = "window"  # window | global
+    order: str = "reference"  # reference | window | global
     window_files: int = 8
     shard: tuple[int, int] = (0, 1)
     micro_batches: int = 1
+    buffer: int = 32  # the reference order's shuffle buffer, in patches
 
     @property
     def patches(self) -> int:
@@ -68,17 +75,18 @@ class StreamSettings:
     batch_size: int
     seed: int
     shuffle: bool
-    order: str = "window"  # window | global
+    order: str = "reference"  # reference | window | global
     window_files: int = 8
     micro_batches: int = 1
     shard: tuple[int, int] = (0, 1)
     read_threads: int = 2
     prefetch: int = 2
     start_epoch: int = 0
+    buffer: int = 32
 
     def batch_order(self, n_files: int, per_file: int) -> BatchOrder:
         return BatchOrder(n_files, per_file, self.batch_size, self.seed, self.shuffle, self.order,
-                          self.window_files, self.shard, self.micro_batches)
+                          self.window_files, self.shard, self.micro_batches, self.buffer)
 
 
 @dataclass
@@ -89,9 +97,11 @@ class FileWindow:
 
 
 def file_sequence(order: BatchOrder, epoch: int) -> Iterator[int]:
-    """The files in the order an epoch reads them: the epoch's file order, then again as long as needed."""
+    """The files in the order an epoch reads them: the epoch's file order (the first epoch's, every epoch, in
+    the reference order), then again as long as needed."""
     if order.shuffle:
-        files = list(np.random.default_rng([order.seed, epoch]).permutation(order.n_files))
+        drawn = 0 if order.order == "reference" else epoch
+        files = list(np.random.default_rng([order.seed, drawn]).permutation(order.n_files))
     else:
         files = list(range(order.n_files))
     return itertools.chain(files, itertools.cycle(files))
@@ -107,6 +117,9 @@ def epoch_windows(order: BatchOrder, epoch: int, usable=_always) -> Iterator[Fil
     if order.shuffle and order.order == "global":
         perm = np.random.default_rng([order.seed, epoch, 2]).permutation(order.patches)
         yield FileWindow([], _steps(order, perm[: order.batches * order.batch_size]), set())
+        return
+    if order.shuffle and order.order == "reference":
+        yield from _buffered_windows(order, epoch, usable)
         return
     reading = file_sequence(order, epoch)
     rng = np.random.default_rng([order.seed, epoch, 1])
@@ -136,6 +149,44 @@ def epoch_windows(order: BatchOrder, epoch: int, usable=_always) -> Iterator[Fil
         yield FileWindow(read, _steps(order, idx[: full * order.batch_size]), set((carry // per).tolist()))
 
 
+def _buffered_windows(order: BatchOrder, epoch: int, usable) -> Iterator[FileWindow]:
+    """The reference order, one window per usable file read: its patches go into the shuffle buffer, which
+    gives out a uniformly drawn patch for every patch it takes in once full; the whole batches drawn so far are
+    the window's steps. After the last file of the pass the buffer empties in random order."""
+    rng = np.random.default_rng([order.seed, epoch, 3])
+    reading = file_sequence(order, epoch)
+    per, size = order.per_file, order.batch_size
+    buffer: list[int] = []
+    drawn: list[int] = []  # drawn from the buffer, not yet in a whole batch
+    read: list[int] = []
+    unusable: set[int] = set()
+    produced = consumed = 0
+    while produced < order.batches and len(unusable) < order.n_files:
+        file = next(reading)
+        consumed += 1
+        read.append(file)
+        if not usable(file):
+            unusable.add(file)
+            continue
+        for patch in range(file * per, (file + 1) * per):
+            if len(buffer) < order.buffer:
+                buffer.append(patch)
+            else:
+                slot = int(rng.integers(len(buffer)))
+                drawn.append(buffer[slot])
+                buffer[slot] = patch
+        last = consumed >= order.n_files and not unusable  # the input ends: the buffer empties
+        while last and buffer:
+            drawn.append(buffer.pop(int(rng.integers(len(buffer)))))
+        full = min(len(drawn) // size, order.batches - produced)
+        produced += full
+        steps, drawn = np.asarray(drawn[: full * size], np.int64), drawn[full * size:]
+        yield FileWindow(read, _steps(order, steps), {p // per for p in buffer + drawn})
+        read = []
+        if last:
+            return
+
+
 def _steps(order: BatchOrder, patches: np.ndarray) -> list[np.ndarray]:
     """Whole batches -> this worker's rows of each, as micro-batches."""
     rows = patches.reshape(-1, order.shard[1], order.batch_size // order.shard[1])[:, order.shard[0]]
@@ -145,7 +196,7 @@ def _steps(order: BatchOrder, patches: np.ndarray) -> list[np.ndarray]:
 def epoch_patches(order: BatchOrder, epoch: int) -> np.ndarray:
     """The patch numbers of one epoch's batches, whole and in order, when every file is usable."""
     whole = BatchOrder(order.n_files, order.per_file, order.batch_size, order.seed, order.shuffle, order.order,
-                       order.window_files)
+                       order.window_files, buffer=order.buffer)
     return np.concatenate([s for w in epoch_windows(whole, epoch) for s in w.steps])
 
 

@@ -74,13 +74,16 @@ def open_inputs(cfg, start_epoch: int = 0, shard: tuple[int, int] = (0, 1), stag
     return _from_raw(cfg, start_epoch, stage_to, staged)
 
 
-def stream_settings(cfg, shuffle: bool, threads: int, start_epoch: int = 0,
+def stream_settings(cfg, training: bool, threads: int, start_epoch: int = 0,
                     shard: tuple[int, int] = (0, 1)) -> StreamSettings:
-    """A split's stream settings: the training split shuffled in the configured order from ``start_epoch``,
-    validation in file order."""
-    order = dict(order=cfg.train.shuffle, window_files=cfg.train.shuffle_buffer_files, start_epoch=start_epoch)
-    return StreamSettings(cfg.train.batch_size, cfg.seed, shuffle, micro_batches=cfg.accumulation_steps, shard=shard,
-                          read_threads=threads, **(order if shuffle else {}))
+    """A split's stream settings from ``start_epoch``: the training split in the configured order; validation in
+    the reference order too when that is the order (the reference shuffles its validation set the same way),
+    else in file order."""
+    shuffled = training or cfg.train.shuffle == "reference"
+    order = dict(order=cfg.train.shuffle, window_files=cfg.train.shuffle_buffer_files,
+                 buffer=cfg.train.shuffle_buffer) if shuffled else {}
+    return StreamSettings(cfg.train.batch_size, cfg.seed, shuffled, micro_batches=cfg.accumulation_steps,
+                          shard=shard, read_threads=threads, start_epoch=start_epoch, **order)
 
 
 def _from_store(cfg, start_epoch: int, shard: tuple[int, int], stage_to, staged) -> RunInputs:
@@ -92,7 +95,7 @@ def _from_store(cfg, start_epoch: int, shard: tuple[int, int], stage_to, staged)
     st = store.open_store(path, cfg)
     threads = max(2, runtime.read_threads(cfg.data.read_threads))
     train = store.StoreStream(st, "train", stream_settings(cfg, True, threads, start_epoch, shard), cfg.data.resident)
-    val = store.StoreStream(st, "val", stream_settings(cfg, False, threads, shard=shard), cfg.data.resident)
+    val = store.StoreStream(st, "val", stream_settings(cfg, False, threads, start_epoch, shard), cfg.data.resident)
     train_files, val_files = [Path(f) for f in st.files("train")], [Path(f) for f in st.files("val")]
     facts = {"store": str(st.path), "source": st.meta["source"]["root"], "train_files": len(train_files),
              "val_files": len(val_files)}
@@ -116,8 +119,8 @@ def _from_raw(cfg, start_epoch: int, stage_to, staged) -> RunInputs:
               "val": split_cache(cfg, val_files, "patches", "validation")}
     train = hdf5_source.PatchStream(train_files, reading, stream_settings(cfg, True, threads, start_epoch),
                                     "training", caches["train"])
-    val = hdf5_source.PatchStream(val_files, reading, stream_settings(cfg, False, threads), "validation",
-                                  caches["val"])
+    val = hdf5_source.PatchStream(val_files, reading, stream_settings(cfg, False, threads, start_epoch),
+                                  "validation", caches["val"])
     root = layout.train_dir.parent if layout.naming != "explicit" else None
     facts = {"train_dir": str(layout.train_dir), "test_dir": str(layout.test_dir),
              "train_files": len(train_files), "val_files": len(val_files)}

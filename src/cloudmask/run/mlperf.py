@@ -1,7 +1,7 @@
 """MLPerf logging (``mlperf_logging.mllog``) for one run, and ``check-log`` with the ruleset shipped here.
 
 The stock compliance checker has no cloudmask rules (its HPC rulesets crash on an unknown benchmark), so the
-package ships ``rules/cloudmask_1.0.0.yaml``: the HPC 3.0.0 common rules, ``submission_benchmark == cloudmask``,
+package ships ``rules/cloudmask_1.1.0.yaml``: the HPC 3.0.0 common rules, ``submission_benchmark == cloudmask``,
 and the keys a cloudmask result needs. In the closed division it also requires the reference hyper-parameters.
 """
 
@@ -23,10 +23,12 @@ from ..errors import CloudmaskError
 from ..fileio import AppendLog
 from ..training.runtime import cpu_model
 
-RULESET = "cloudmask_1.0.0.yaml"
-# HPC keys that mllog.constants does not define
+RULESET = "cloudmask_1.1.0.yaml"
+# HPC keys that mllog.constants does not define (the reference logs all three, number_of_ranks = its `gpu`)
+NUMBER_OF_RANKS = "number_of_ranks"
 NUMBER_OF_NODES = "number_of_nodes"
 ACCELERATORS_PER_NODE = "accelerators_per_node"
+DEVIATIONS = "cloudmask_deviations"  # the ledger's deviations of this run (config/ledger.py); [] in closed
 TARGET = "cloudmask_target"  # train.target: value, metadata.metric
 
 
@@ -66,11 +68,11 @@ class MLPerfLog:
         self._logger.removeHandler(self._handler)
 
 
-def division(cfg) -> str:
-    """closed when every setting is at its reference value (mlperf.division=auto), else open."""
+def division(cfg, backend: str | None = None) -> str:
+    """closed when the run has none of the ledger's deviations (mlperf.division=auto), else open."""
     if cfg.mlperf.division != "auto":
         return cfg.mlperf.division
-    return "closed" if not cfg.deviations() else "open"
+    return "closed" if not cfg.deviations(backend) else "open"
 
 
 def platform_name(cfg, devices: list[str], nodes: int = 1) -> str:
@@ -89,8 +91,10 @@ def log_submission(log: MLPerfLog, cfg, platform: str, division: str) -> None:
     log.event(C.SUBMISSION_PLATFORM, platform)
 
 
-def log_hyperparameters(log: MLPerfLog, cfg, train_samples: int, eval_samples: int, nodes: int,
-                        accelerators_per_node: int) -> None:
+def log_hyperparameters(log: MLPerfLog, cfg, train_samples: int, eval_samples: int, topology: dict,
+                        ranks: int, backend: str | None = None) -> None:
+    """The run's settings; ``topology``: nodes and accelerators per node; ``ranks``: the replicas training
+    together (the reference's number_of_ranks is the GPUs it trains on)."""
     log.event(C.SEED, cfg.seed)
     log.event(C.GLOBAL_BATCH_SIZE, cfg.train.batch_size)
     log.event(C.GRADIENT_ACCUMULATION_STEPS, cfg.accumulation_steps)
@@ -98,8 +102,10 @@ def log_hyperparameters(log: MLPerfLog, cfg, train_samples: int, eval_samples: i
     log.event(C.OPT_BASE_LR, cfg.effective_learning_rate)
     log.event(C.TRAIN_SAMPLES, train_samples)
     log.event(C.EVAL_SAMPLES, eval_samples)
-    log.event(NUMBER_OF_NODES, nodes)
-    log.event(ACCELERATORS_PER_NODE, accelerators_per_node)
+    log.event(NUMBER_OF_RANKS, ranks)
+    log.event(NUMBER_OF_NODES, topology["nodes"])
+    log.event(ACCELERATORS_PER_NODE, topology["accelerators_per_node"])
+    log.event(DEVIATIONS, sorted(cfg.deviations(backend)))
     if cfg.train.target.value is not None:  # the ruleset checks the eval that ends a successful run against it
         log.event(TARGET, cfg.train.target.value, metric=cfg.train.target.metric)
 

@@ -263,11 +263,12 @@ class RunSession:
                 log.info("idle %s power: %s W", kind.upper(), ", ".join(f"{w:.1f}" for w in watts))
         if not self.resumed:
             topology = self.state.topology
+            backend = runtime.backend()
             log_submission(self.mlog, self.cfg, platform_name(self.cfg, self.devices, topology["nodes"]),
-                           division(self.cfg))
+                           division(self.cfg, backend))
             self.mlog.event(C.CACHE_CLEAR, False)  # the page cache is not dropped (needs root); logged honestly
-            log_hyperparameters(self.mlog, self.cfg, self.inputs.train_patches, self.inputs.val_patches,
-                                nodes=topology["nodes"], accelerators_per_node=topology["accelerators_per_node"])
+            log_hyperparameters(self.mlog, self.cfg, self.inputs.train_patches, self.inputs.val_patches, topology,
+                                self.state.replicas, backend)
             self.mlog.end(C.INIT_STOP)
             self.mlog.start(C.RUN_START)
             self.state.start_run()
@@ -361,10 +362,12 @@ class RunSession:
         request waits: the writes take well under a second and leave a finished run."""
         self._stop_if_asked("inference" if self.cfg.infer.enabled else "training")
         history = self.history()
+        energy = self._close_telemetry()
+        reference_s = self.tel.seconds_in("run/init/data", "run/init/model", "run/train")
         record = RunRecord(self.cfg, self.state, history, self.inputs, self.devices, self.test,
-                           time.time() - self._t_start)
+                           time.time() - self._t_start, reference_s)
         results = training_results(record, "success")
-        results["energy"] = self._run_energy(self._close_telemetry(), history)
+        results["energy"] = self._run_energy(energy, history)
         self.run_dir.write_results(results)
         self.mlog.event("result", reference_result(record, results))
         self.mlog.end(C.RUN_STOP, status=run_status(self.cfg, self.state.target_epoch))

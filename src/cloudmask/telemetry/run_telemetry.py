@@ -109,6 +109,12 @@ class RunTelemetry:
             fileio.write_json(self.path / "manifest.json", finish_provenance(self.manifest))
         return self.meter.summary()
 
+    def seconds_in(self, *names: str) -> float:
+        """Seconds spent in the named timer phases (``run/train``), by this attempt and every earlier one
+        (timers.csv, written by ``finish``)."""
+        rows = fileio.read_csv(self.path / "timers.csv")
+        return sum(float(r["seconds"]) for r in rows if r["name"] in names and r["seconds"] not in ("", None))
+
     def show_timers(self, log) -> None:
         """The timer table on the console (and, for `grep '^# csv,timer' console.log`, as CSV in the file)."""
         log.info("\n%s", self.timers.table())

@@ -56,7 +56,9 @@ class FitContext:
 
 
 class ValidationPasses(keras.utils.PyDataset):
-    """The validation batches as Keras's indexed dataset: item ``i`` is always the ``i``-th batch of a pass.
+    """The validation batches as Keras's indexed dataset: item ``i`` is always the ``i``-th batch of the pass of
+    the epoch being trained (``epoch``, kept up to date by the ``following`` callback), so an order that changes
+    every epoch (the reference's shuffled validation) gives every epoch its own batches, the same after a resume.
 
     Given the endless stream itself, Keras (3.15, ``peek_and_restore``) re-chains the two batches it peeked at
     first in front of the live stream every time it starts a validation pass, so from epoch 2 on validation saw
@@ -65,7 +67,9 @@ class ValidationPasses(keras.utils.PyDataset):
     def __init__(self, stream):
         super().__init__(workers=1, use_multiprocessing=False)
         self.stream = stream
+        self.epoch = stream.epoch  # the first epoch this fit trains
         self._pass, self._next = None, 0
+        self.following = _FollowEpochs(self)
 
     def __len__(self) -> int:
         return self.stream.steps
@@ -74,12 +78,22 @@ class ValidationPasses(keras.utils.PyDataset):
         if self._pass is None or i != self._next:  # a new pass (each epoch), or Keras asked out of order
             if self._pass is not None:
                 self._pass.close()
+            self.stream.epoch = self.epoch
             self._pass, self._next = iter(self.stream), 0
             for _ in range(i):
                 next(self._pass)
             self._next = i
         self._next += 1
         return next(self._pass)
+
+
+class _FollowEpochs(keras.callbacks.Callback):
+    def __init__(self, passes: ValidationPasses):
+        super().__init__()
+        self.passes = passes
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.passes.epoch = epoch
 
 
 def fit_loop(model, train_stream, val_stream, callbacks: list, epochs: Epochs, workers: Workers | None = None,
@@ -89,9 +103,10 @@ def fit_loop(model, train_stream, val_stream, callbacks: list, epochs: Epochs, w
     steps = epochs.steps or train_stream.steps
     try:
         if workers is None:
+            passes = ValidationPasses(val_stream) if val_stream is not None else None
+            following = [passes.following] if passes is not None else []
             model.fit(iter(train_stream), steps_per_epoch=steps, epochs=epochs.end, initial_epoch=epochs.start,
-                      validation_data=ValidationPasses(val_stream) if val_stream is not None else None,
-                      callbacks=callbacks, verbose=verbose, shuffle=False)
+                      validation_data=passes, callbacks=[*following, *callbacks], verbose=verbose, shuffle=False)
             return None
         listed = keras.callbacks.CallbackList(callbacks, add_progbar=bool(verbose) and workers.cluster.is_chief,
                                               model=model, verbose=verbose, epochs=epochs.end, steps=steps)

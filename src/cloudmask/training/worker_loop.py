@@ -152,7 +152,8 @@ def fit(model, train_stream, val_stream, callbacks, epochs: Epochs, workers: Wor
 
 
 def _validate(batches, steps: int, val_step, callbacks) -> dict:
-    """One pass over the validation batches (the stream yields the same batches every epoch)."""
+    """One pass over the validation batches: the stream's next epoch, in step with the one trained (as Keras's
+    ValidationPasses follows it)."""
     callbacks.on_test_begin()
     sums = np.zeros(3)
     for step in range(steps):
