@@ -323,5 +323,5 @@ def test_the_row_read_benchmark_script_measures_every_method(tmp_path):
     assert done.returncode == 0, done.stderr
     rows = [line.split("|")[1:-1] for line in done.stdout.splitlines()[2:]]
     assert [(r[0].strip(), r[1].strip()) for r in rows] == [
-        (t, m) for t in ("1", "2") for m in ("preadv", "mmap", "mmap-drop", "ram")]
+        (t, m) for t in ("1", "2") for m in ("preadv", "preadv+crc", "mmap", "mmap-drop", "ram")]
     assert all(float(r[2].replace(",", "")) > 0 for r in rows)

@@ -105,7 +105,8 @@ def test_training_from_the_store_matches_the_raw_files(prepared, dataset, tmp_pa
 
 def test_staging_a_store_copies_it_once(prepared, tmp_path):
     target, first = store.stage_store(prepared, tmp_path / "local")
-    assert target == tmp_path / "local" / prepared.name and first.copied == first.files == 7
+    # 6 arrays, their 6 CRC-32 sidecars and store.json
+    assert target == tmp_path / "local" / prepared.name and first.copied == first.files == 13
     _, again = store.stage_store(prepared, tmp_path / "local")
     assert again.copied == 0
     assert (target / "store.json").read_text() == (prepared / "store.json").read_text()

@@ -277,6 +277,11 @@ def test_a_corrupt_checkpoint_on_resume(dataset, tmp_path):
     done = run_cli("train", "--resume", "--out", str(out), "--set", "train.epochs=1")
     assert done.returncode != 0
     done = run_cli("train", "--resume", "--out", str(out))
+    assert_clean_error(done, state["latest"].split("/")[-1], "SHA-256 differs")  # not the bytes the run wrote
+    assert (out / "history.csv").read_text() == history
+    state.update(checkpoint_sha256={})  # a state without digests (an earlier version's): loading it fails
+    (out / "state.json").write_text(json.dumps(state))
+    done = run_cli("train", "--resume", "--out", str(out))
     assert_clean_error(done, state["latest"].split("/")[-1], "cannot be loaded")
     assert (out / "history.csv").read_text() == history
 

@@ -2,7 +2,8 @@
 
     python scripts/measure/bench_row_reads.py CACHE_ENTRY/x.npy [--threads 1 2] [--batch 32] [--reps 3]
 
-preadv     what cache.py and store.py do (rows.RowFile): one preadv per row into the batch, split over threads
+preadv     one preadv per row into the batch, split over threads (rows.RowFile without its checksums)
+preadv+crc what cache.py and store.py do since #34: the same, then each row's CRC-32 checked (row_files.py)
 mmap       np.take from a read-only memory map of the file (its pages stay mapped: RSS grows to the file size)
 mmap-drop  the same, then madvise(MADV_DONTNEED) on the rows read, which keeps RSS flat
 ram        np.take from a copy of the whole array in process memory (the reference's in-RAM replay, in numpy)
@@ -19,6 +20,7 @@ import mmap
 import os
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +36,9 @@ def _rss_gib() -> float:
 
 def methods(path: Path):
     """name -> (function reading rows into an out array of raw bytes), in the order they run."""
-    rows_file = RowFile.open(path)
+    rows_file = RowFile.open(path, checked=False)
     n, size, offset = len(rows_file), rows_file.row_bytes, rows_file.offset
+    crc = [zlib.crc32(rows_file.read([r]).view(np.uint8)) for r in range(n)]
     f = open(path, "rb")
     mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     as_rows = np.frombuffer(mapped, np.uint8, count=n * size, offset=offset).reshape(n, size)
@@ -53,7 +56,14 @@ def methods(path: Path):
             start = (offset + int(r) * size) // mmap.PAGESIZE * mmap.PAGESIZE
             mapped.madvise(mmap.MADV_DONTNEED, start, min(offset + (int(r) + 1) * size, len(mapped)) - start)
 
+    def preadv_crc(rows, out):
+        preadv(rows, out)
+        for k, r in enumerate(rows):
+            if zlib.crc32(out[k]) != crc[r]:
+                raise SystemExit(f"{path}: row {r} changed during the measurement")
+
     yield "preadv", preadv, n, size
+    yield "preadv+crc", preadv_crc, n, size
     yield "mmap", mmap_take, n, size
     yield "mmap-drop", mmap_drop, n, size
     in_ram = np.array(as_rows)

@@ -4,11 +4,14 @@ a resumed run, a user) never sees a half-written file and an interruption never 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -61,7 +64,8 @@ def atomic_dir(target: str | os.PathLike):
     target = Path(target)
     with writing(target, target.parent):
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        remove_leftovers(target.parent, of=target.name)  # a killed writer's partial copy of the same target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{_writer()}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
@@ -73,6 +77,76 @@ def atomic_dir(target: str | os.PathLike):
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def replacing_dir(target: str | os.PathLike):
+    """Yield a new temporary directory beside ``target``; when the block succeeds it replaces ``target`` whole
+    (the old one renamed aside, the new one renamed in, the old one removed). A kill at any point leaves the old
+    directory or the new one, and temporary directories that the next writer of ``target`` removes."""
+    target = Path(target)
+    with writing(target, target.parent):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(target.parent, of=target.name)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{_writer()}.", suffix=".tmp", dir=target.parent))
+    old = None
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        with writing(target, tmp):
+            if target.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.{_writer()}.", suffix=".tmp", dir=target.parent))
+                os.rename(target, old)  # onto an empty directory: allowed, and atomic
+            os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _writer() -> str:
+    """Who writes a temporary directory, in its name: the next writer removes it only once that process is gone."""
+    return f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
+
+
+_TEMP = re.compile(r"^\.(?P<name>.+?)\.(?:(?P<host>[^.]+)-(?P<pid>\d+)\.)?[^.]+\.tmp[^/]*$")
+
+
+def remove_leftovers(directory: str | os.PathLike, of: str | None = None) -> list[Path]:
+    """Remove the temporary files and directories that killed writers left in ``directory`` (only those for
+    target ``of`` when given). A name that carries its writer (``atomic_dir``) is removed once that process is
+    gone from this host; one that does not (``atomic_path``) only when the caller owns the directory's writes
+    (a run directory under its lock) and asks for every target (``of=None``)."""
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP.match(entry.name)
+        if not m or (of is not None and m["name"] != of) or not _dead(m["host"], m["pid"], owned=of is None):
+            continue
+        path = Path(entry.path)
+        try:
+            shutil.rmtree(path) if entry.is_dir(follow_symlinks=False) else path.unlink()
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
+def _dead(host: str | None, pid: str | None, owned: bool) -> bool:
+    if pid is None:
+        return owned
+    if host != socket.gethostname().split(".")[0]:
+        return False  # another node's process: it may be alive
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def copy_if_changed(src: Path, dst: Path) -> bool:
@@ -92,6 +166,14 @@ def copy_if_changed(src: Path, dst: Path) -> bool:
             src.fs.get_file(src.path, str(tmp))
             os.utime(tmp, ns=(st.st_mtime_ns, st.st_mtime_ns))
     return True
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _umask() -> int:

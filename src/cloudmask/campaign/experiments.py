@@ -17,6 +17,7 @@ import yaml
 from .. import __version__, fileio
 from ..config import Config, config_from_dict, load_config, yaml_load
 from ..errors import ConfigError, RunDirError
+from ..run import lock
 from ..run.results import schema_problem
 from ..run.run_dir import CONFIG, RESULTS
 
@@ -259,7 +260,11 @@ def task_states(exp: Experiment, queue: dict[str, str] | None = None) -> list[Ta
 
 
 def run_state(run: Path) -> tuple[str, str]:
-    """(done | failed | interrupted | unreadable, reason) of a run directory no longer in the queue."""
+    """(done | failed | interrupted | unreadable | running, reason) of a run directory no longer in the queue; a
+    run whose lock a process holds is running, whatever its files say so far."""
+    holding = lock.holder(run)
+    if holding is not None:
+        return "running", f"in progress: {holding.describe()}"
     path = run / RESULTS
     if not path.is_file():
         return "failed", "no results.json: the run crashed or was killed (see console.log and the SLURM log)"

@@ -2,7 +2,7 @@
 
 Runs are found by their ``config.yaml`` (docs/results.md). Experiment directories (``experiment.yaml``) also say
 which repeats were expected, so a repeat that never wrote a run directory is listed as missing. Failed,
-interrupted, incomplete and missing runs are always listed with their reason; statistics use successful runs.
+interrupted, running, incomplete and missing runs are always listed with their reason; statistics use successful runs.
 Output is a function of the inputs only (sorted, no timestamps), so a report can be regenerated and diffed.
 """
 
@@ -326,7 +326,7 @@ def _context(report: Report, plots: list[Path], note: str | None, inline: bool) 
     return {
         "title": "CloudMask benchmark report",
         "counts": f"{plural(len(report.runs), 'run')} in {plural(len(experiments), 'experiment')}: {ok} "
-                  f"successful" + (f", {not_ok} failed, interrupted, incomplete or missing" if not_ok else ""),
+                  f"successful" + (f", {not_ok} failed, interrupted, running, incomplete or missing" if not_ok else ""),
         "summary_note": "Mean ± sample standard deviation, Student-t 95 % confidence interval of the mean, and the "
                         "olympic mean (lowest and highest value dropped; n ≥ 3). Successful runs only.",
         "summary": _summary_groups(report),
@@ -365,18 +365,30 @@ def as_json(report: Report) -> str:
 
 
 def write(report: Report, out: str | os.PathLike) -> list[Path]:
-    """Write runs.csv, summary.csv, report.json, the plots, report.md and report.html into ``out`` (each file
-    replaced atomically; plots that no longer apply are removed, so the directory matches its report)."""
+    """Write runs.csv, summary.csv, report.json, the plots, report.md and report.html into ``out``. They are made
+    together in a temporary directory beside it and swapped in at once, so a killed report leaves the previous
+    report (or none), never a mix of two; a dead writer's temporary directory is removed by the next report."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    files = [fileio.write_text(out / "runs.csv", to_csv(report.runs, RUN_COLUMNS)),
-             fileio.write_text(out / "summary.csv", to_csv(report.summary, SUMMARY_COLUMNS)),
-             fileio.write_text(out / "report.json", as_json(report))]
-    plots, note = plot_all(report, out)
-    for stale in sorted(out.glob("*.png")):
-        if stale not in plots:
-            stale.unlink()
-    files += plots
-    files.append(fileio.write_text(out / "report.md", markdown(report, plots, note)))
-    files.append(fileio.write_text(out / "report.html", html(report, plots, note)))
-    return files
+    if out.is_dir() and any(not _ours(p) for p in out.iterdir()):
+        raise ReportError(f"{out}: holds files that are not a report's ({_foreign(out)})",
+                          "write the report to its own directory (--out DIR)")
+    with fileio.replacing_dir(out) as tmp:
+        files = [fileio.write_text(tmp / "runs.csv", to_csv(report.runs, RUN_COLUMNS)),
+                 fileio.write_text(tmp / "summary.csv", to_csv(report.summary, SUMMARY_COLUMNS)),
+                 fileio.write_text(tmp / "report.json", as_json(report))]
+        plots, note = plot_all(report, tmp)
+        files += plots
+        files.append(fileio.write_text(tmp / "report.md", markdown(report, plots, note)))
+        files.append(fileio.write_text(tmp / "report.html", html(report, plots, note)))
+    return [out / f.name for f in files]
+
+
+def _ours(path: Path) -> bool:
+    return path.is_file() and (path.suffix == ".png" or path.name in REPORT_FILES)
+
+
+def _foreign(out: Path) -> str:
+    return ", ".join(sorted(p.name for p in out.iterdir() if not _ours(p))[:3])
+
+
+REPORT_FILES = ("runs.csv", "summary.csv", "report.json", "report.md", "report.html")

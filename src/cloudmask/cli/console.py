@@ -18,7 +18,27 @@ FILE_ONLY = "file_only"  # ``extra={FILE_ONLY: True}``: a record for console.log
 class _Flush(logging.StreamHandler):
     def emit(self, record):
         super().emit(record)
-        self.flush()
+        try:
+            self.flush()
+        except BrokenPipeError:
+            stdout_gone()
+
+    def handleError(self, record):
+        if isinstance(sys.exc_info()[1], BrokenPipeError):
+            stdout_gone()  # not logging's traceback for every later line
+        else:
+            super().handleError(record)
+
+
+def stdout_gone() -> None:
+    """stdout's reader has left (``cloudmask train | head``): what follows goes nowhere, quietly, and the run goes
+    on (console.log keeps every line)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def setup() -> None:

@@ -7,6 +7,7 @@ import difflib
 import os
 import re
 import sys
+import threading
 
 from .. import __version__
 from ..dataset.object_storage import redact
@@ -329,7 +330,27 @@ def entry() -> None:
         from .console import filter_framework_noise
 
         filter_framework_noise()
-    sys.exit(main(argv))
+    leave(main(argv))
+
+
+def leave(code: int) -> None:
+    """Exit with ``code``. A thread still blocked in a read that never returns (a stopped object-storage server)
+    must not hold the process: Python would wait for it at exit, for ever. So where threads remain, the exit
+    handlers run and the process ends without waiting for them."""
+    stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+    if not stuck:
+        sys.exit(code)
+    import atexit
+    import logging
+
+    try:
+        atexit._run_exitfuncs()  # the patch cache removes an entry it was building
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except Exception:  # noqa: BLE001 - exiting whatever happens
+        pass
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -342,6 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     except CloudmaskError as e:
         print(f"cloudmask: error: {redact(str(e))}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # stdout's reader left (`cloudmask ... | head`): the output ends there, quietly
+        from .console import stdout_gone
+
+        stdout_gone()
+        return 0
     except OSError as e:  # a library's own write (not through fileio) failing on a full or read-only disk
         if os.environ.get("CLOUDMASK_DEBUG"):
             raise

@@ -31,6 +31,9 @@ class StorageError(DataError):
 
 
 _settings = {"anonymous": "auto", "retries": 5, "endpoint_url": None}
+# a request's bound: botocore's attempts (data.remote.retries) × (connect + read); s3fs's own retries, which
+# would multiply it (5 × by default: a stopped server held a read for 10 minutes), are switched off in location()
+CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 10, 30
 _secrets: dict[str, dict] = {}  # "scheme://bucket" -> {"key", "secret"} taken out of a URL
 _anonymous_found: list[bool] = []
 
@@ -80,9 +83,14 @@ def _anonymous() -> bool:
     if _settings["anonymous"] != "auto":
         return bool(_settings["anonymous"])
     if not _anonymous_found:  # botocore's own lookup: environment, shared files, SSO, container and instance roles
+        import botocore.exceptions
         import botocore.session
 
-        _anonymous_found.append(botocore.session.Session().get_credentials() is None)
+        try:
+            _anonymous_found.append(botocore.session.Session().get_credentials() is None)
+        except botocore.exceptions.BotoCoreError as e:  # AWS_PROFILE naming no profile, a broken config file
+            raise DataError(f"AWS credentials: {e}", "fix AWS_PROFILE / ~/.aws/config, or set "
+                            "data.remote.anonymous=true for a public bucket") from None
     return _anonymous_found[0]
 
 
@@ -94,7 +102,7 @@ def storage_options(url: str) -> dict:
     endpoint = (_settings["endpoint_url"] or os.environ.get("AWS_ENDPOINT_URL_S3")
                 or os.environ.get("AWS_ENDPOINT_URL"))
     options: dict = {"config_kwargs": {"retries": {"max_attempts": _settings["retries"], "mode": "standard"},
-                                       "connect_timeout": 10, "read_timeout": 60}}
+                                       "connect_timeout": CONNECT_TIMEOUT_S, "read_timeout": READ_TIMEOUT_S}}
     if endpoint:
         options["endpoint_url"] = endpoint
     secret = _secrets.get(f"{scheme}://{host}")
@@ -118,7 +126,10 @@ def location(value):
     try:
         from upath import UPath
 
-        return UPath(url, **storage_options(url))
+        path = UPath(url, **storage_options(url))
+        if hasattr(path.fs, "retries"):
+            path.fs.retries = 1  # one s3fs try: botocore's attempts are the only retries (see CONNECT_TIMEOUT_S)
+        return path
     except ImportError as e:
         raise DataError(f"{url}: reading object storage needs packages that are not installed ({e})",
                         cloud_extra_hint()) from None
@@ -161,8 +172,11 @@ def errors(path):
                            "these credentials may not read it: check them, or set data.remote.anonymous=true "
                            "for a public bucket") from None
     except _connection_errors() as e:
-        raise StorageError(f"{str(path)}: the object store did not answer after {_settings['retries']} "
-                           f"attempts ({redact(_first_line(e))})",
+        attempts = _settings["retries"]
+        bound = attempts * (CONNECT_TIMEOUT_S + READ_TIMEOUT_S)
+        raise StorageError(f"{str(path)}: the object store did not answer after {attempts} attempts of at most "
+                           f"{CONNECT_TIMEOUT_S} s to connect + {READ_TIMEOUT_S} s to read (≤ {bound} s; "
+                           f"{redact(_first_line(e))})",
                            "check the network and the endpoint; data.remote.retries sets the attempts") from None
 
 

@@ -8,11 +8,13 @@ geometry, normalisation and ``min_finite_fraction``::
 
     <root>/<key>/x.npy       float32 training/validation patches (n * per, P, P, 9), or test images (n, H, W, 9)
     <root>/<key>/y.npy       uint8 labels (n * per, P, P, 1) or (n, H, W)
+    <root>/<key>/*.crc32.npy a CRC-32 per row of each, checked on every read
     <root>/<key>/entry.json  written last: an entry without it is never opened
 
 The first process to need an entry takes ``<root>/<key>.lock`` (flock), writes into ``<root>/.<key>.tmp-PID`` as
 it reads the files and renames it into place once every file is in; a process that finds the lock taken reads
-the raw files without writing. A damaged entry is removed with a warning and built again. The cache is an
+the raw files without writing. A damaged entry (a bad header or size when opened, a row whose CRC-32 fails when
+read) is removed with a warning; the run reads the HDF5 files instead and the next run builds it again. The cache is an
 optimisation: no space, no permission or a write error mean a warning and plain streaming, never a failed run.
 """
 
@@ -35,11 +37,11 @@ import numpy as np
 from .. import fileio
 from ..dataset.preprocess import N_CHANNELS, Geometry
 from ..errors import DataError, OutputError
-from .row_files import RowFile, read_batch
+from .row_files import DamagedRows, RowFile, read_batch
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: every array has its CRC-32 sidecar (row_files.py)
 ENTRY = "entry.json"
 REMOVE_ENTRY = "remove the patch cache entry (the next run builds it again) or set data.cache=off"
 
@@ -117,6 +119,7 @@ class SplitCache:
         self.root, self.path = root, root / self.key
         self.state, self.reason = "streamed", ""
         self._arrays: dict[str, RowFile] | None = None
+        self._retired: list[RowFile] = []
         self._build: _Build | None = None
         self._publisher: threading.Thread | None = None
         self._guard = threading.Lock()
@@ -179,8 +182,25 @@ class SplitCache:
         """(x, y) of file ``index`` from the entry, or None while there is no complete entry."""
         if self._arrays is None:
             return None
-        x, y = read_batch(self.row_files(), np.arange(index * self.layout.per, (index + 1) * self.layout.per))
+        try:
+            x, y = read_batch(self.row_files(), np.arange(index * self.layout.per, (index + 1) * self.layout.per))
+        except DamagedRows as e:
+            self.damaged(e)
+            return None
         return (x, y) if self.kind == "patches" else (x[0], y[0])
+
+    def damaged(self, error: DataError) -> None:
+        """A row failed its checksum: the entry is removed (the next run builds it again) and this run reads
+        the HDF5 files from now on."""
+        with self._guard:
+            if self._arrays is None:
+                return
+            self._retired += self._arrays.values()  # closed at the end: another thread may still be reading
+            self._arrays = None
+            _discard(self.path)
+            self.state, self.reason = "damaged", error.message
+        log.warning("%s patch cache %s removed: %s; reading the HDF5 files (the next run builds it again)",
+                    self.what, self.path, error.message)
 
     def row_files(self) -> list[RowFile]:
         """The complete entry's x and y arrays (rows are patches, or whole images)."""
@@ -202,6 +222,8 @@ class SplitCache:
                 return
             if len(build.written) == self.layout.n_files:
                 try:
+                    for array in build.arrays.values():
+                        array.save_checksums()
                     self._arrays = _open_arrays(build.tmp, self.layout)  # open files stay readable when renamed
                 except (OSError, DataError) as e:
                     self.abandon(f"reading back {build.tmp} failed ({e})")
@@ -251,9 +273,9 @@ class SplitCache:
         self.wait()
         if self._build is not None:
             self.abandon("the run ended before every file was read")
-        for array in (self._arrays or {}).values():
+        for array in [*(self._arrays or {}).values(), *self._retired]:
             array.close()
-        self._arrays = None
+        self._arrays, self._retired = None, []
 
     def report(self) -> dict:
         self.wait()

@@ -25,7 +25,7 @@ from ..errors import DataError
 from ..inference.evaluate import TestImages
 from .batches import BatchStream, PatchReader, StreamSettings
 from .cache import SplitCache
-from .row_files import read_batch
+from .row_files import DamagedRows, read_batch
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +209,9 @@ class _RawReader(PatchReader):
     def read(self, patches: np.ndarray):
         if self.cached:
             return self._read_cached(patches)
+        return self._read_loaded(patches)
+
+    def _read_loaded(self, patches: np.ndarray):
         per = self.source.per_file
         first_x, first_y = self.loaded[int(patches[0]) // per]
         x = np.empty((len(patches), *first_x.shape[1:]), first_x.dtype)
@@ -219,8 +222,18 @@ class _RawReader(PatchReader):
         return x, y
 
     def _read_cached(self, patches: np.ndarray):
-        x, y = read_batch(self.source.cache.row_files(), patches, self.pool, self.source.read_threads)
-        return x, y.astype(np.float32)
+        cache = self.source.cache
+        if cache.complete:
+            try:
+                x, y = read_batch(cache.row_files(), patches, self.pool, self.source.read_threads)
+                return x, y.astype(np.float32)
+            except DamagedRows as e:
+                cache.damaged(e)
+        # the entry was found damaged this epoch: its files are read from HDF5 (kept while the order needs them)
+        per = self.source.per_file
+        for file in sorted({int(p) // per for p in patches} - set(self.loaded)):
+            self.loaded[file] = self.source.load(file)
+        return self._read_loaded(patches)
 
     def end_epoch(self) -> None:
         self.source.complete_cache()

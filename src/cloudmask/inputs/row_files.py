@@ -1,15 +1,30 @@
 """Row files: the ``.npy`` arrays of the patch store and the patch cache, read and written by whole rows
 (patches) with preadv/pwrite. The kernel copies straight into the batch array with the GIL released, so one
-batch read split over a few threads runs in parallel; one file descriptor serves every thread."""
+batch read split over a few threads runs in parallel; one file descriptor serves every thread.
+
+Every row has a CRC-32 in a sidecar (``x.npy`` → ``x.crc32.npy``), made as the rows are written and checked on
+every read (zlib releases the GIL too: the check runs in the reading threads), so bytes damaged on disk after
+they were written are never trained on: the read fails with ``DamagedRows`` naming the file and the row.
+"""
 
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
 
+from .. import fileio
 from ..errors import DataError
+
+
+class DamagedRows(DataError):
+    """A row whose bytes are not the ones written (its CRC-32 differs)."""
+
+
+def checksum_path(path: Path) -> Path:
+    return Path(path).with_name(Path(path).stem + ".crc32.npy")
 
 
 class RowFile:
@@ -19,6 +34,7 @@ class RowFile:
         self.path, self.fd, self.offset, self.fix = path, fd, offset, fix
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
         self.row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        self.crc: np.ndarray | None = None  # uint32 per row: checked on read, kept up to date on write
 
     @classmethod
     def create(cls, path: Path, shape: tuple, dtype) -> "RowFile":
@@ -29,12 +45,14 @@ class RowFile:
             offset = f.tell()
         rows = cls(path, os.open(path, os.O_RDWR), offset, shape, dtype)
         os.ftruncate(rows.fd, offset + rows.row_bytes * shape[0])
+        rows.crc = np.zeros(shape[0], np.uint32)
         return rows
 
     @classmethod
-    def open(cls, path: Path, shape: tuple | None = None, dtype=None, fix: str = "") -> "RowFile":
-        """Open for reading after checking the header (and ``shape``/``dtype`` when given) and the file size:
-        a truncated copy fails here with a DataError naming the file, not in the middle of an epoch."""
+    def open(cls, path: Path, shape: tuple | None = None, dtype=None, fix: str = "", checked: bool = True) -> "RowFile":
+        """Open for reading after checking the header (and ``shape``/``dtype`` when given), the file size and
+        (``checked``) the checksum sidecar: a truncated copy fails here with a DataError naming the file, not in
+        the middle of an epoch."""
         try:
             with open(path, "rb") as f:
                 version = np.lib.format.read_magic(f)
@@ -56,6 +74,12 @@ class RowFile:
             rows.close()
             raise DataError(f"{path}: {'truncated' if size < expected else 'too long'} "
                             f"({size} of {expected} bytes)", fix)
+        if checked:
+            try:
+                rows.crc = _load_checksums(path, rows.shape[0], fix)
+            except DataError:
+                rows.close()
+                raise
         return rows
 
     def __len__(self) -> int:
@@ -69,15 +93,25 @@ class RowFile:
         for k, r in enumerate(rows):
             if os.preadv(self.fd, [memoryview(flat[k])], self.offset + int(r) * self.row_bytes) != self.row_bytes:
                 raise DataError(f"{self.path}: shorter than its header says", self.fix)
+            if self.crc is not None and zlib.crc32(flat[k]) != self.crc[r]:
+                raise DamagedRows(f"{self.path}: row {int(r)} is not what was written (CRC-32 mismatch: the file "
+                                  "was damaged on disk)", self.fix)
         return out
 
     def write(self, first_row: int, values: np.ndarray) -> None:
         """Rows ``first_row`` onwards (a short write continues where it stopped)."""
         data = memoryview(np.ascontiguousarray(values, self.dtype).reshape(-1).view(np.uint8))
+        if self.crc is not None:
+            for k in range(len(data) // self.row_bytes):
+                self.crc[first_row + k] = zlib.crc32(data[k * self.row_bytes:(k + 1) * self.row_bytes])
         at = self.offset + first_row * self.row_bytes
         while len(data):
             n = os.pwrite(self.fd, data, at)
             data, at = data[n:], at + n
+
+    def save_checksums(self) -> Path:
+        """The rows' CRC-32s into the sidecar (atomically)."""
+        return _save_checksums(self.path, self.crc)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -102,3 +136,37 @@ def read_batch(files: list[RowFile], rows: np.ndarray, pool=None, threads: int =
     else:
         list(pool.map(read_part, parts))
     return outs
+
+
+def seal(path: Path, rows_at_once: int = 8) -> Path:
+    """Checksum sidecar of an ``.npy`` array written by other means (np.lib.format.open_memmap)."""
+    rows = RowFile.open(Path(path), checked=False)
+    try:
+        crc = np.empty(len(rows), np.uint32)
+        for first in range(0, len(rows), rows_at_once):
+            block = rows.read(np.arange(first, min(first + rows_at_once, len(rows))))
+            flat = block.reshape(len(block), -1).view(np.uint8)
+            crc[first:first + len(block)] = [zlib.crc32(row) for row in flat]
+    finally:
+        rows.close()
+    return _save_checksums(Path(path), crc)
+
+
+def _save_checksums(path: Path, crc: np.ndarray) -> Path:
+    target = checksum_path(path)
+    with fileio.atomic_path(target) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, crc)
+    return target
+
+
+def _load_checksums(path: Path, n_rows: int, fix: str) -> np.ndarray:
+    sidecar = checksum_path(path)
+    try:
+        crc = np.load(sidecar, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{sidecar}: {'missing' if isinstance(e, FileNotFoundError) else 'unreadable'} (the "
+                        f"checksums of {Path(path).name})", fix) from None
+    if crc.dtype != np.uint32 or crc.shape != (n_rows,):
+        raise DataError(f"{sidecar}: holds {crc.dtype} {crc.shape}, expected {n_rows} CRC-32s", fix)
+    return crc

@@ -142,6 +142,9 @@ def split_cache(cfg, files: list[Path], kind: str, what: str) -> cache.SplitCach
 
 
 def raw_test_images(cfg, test_dir: Path, files: list[Path]) -> TestImages:
-    """The test images of ``files``, through their cache entry (``.cache``) when data.cache is on."""
-    return hdf5_source.hdf5_test_images(test_dir, files, hdf5_source.RawReading.from_config(cfg),
-                                        split_cache(cfg, files, "images", "test"))
+    """The test images of ``files``, through their cache entry (``.cache``) when data.cache is on. Their headers
+    are screened now, with the training files', so a bad test file stops the run before training, not after."""
+    reading = hdf5_source.RawReading.from_config(cfg)
+    if files:
+        files = hdf5_source.screen_files(files, reading.geometry, cfg.data.skip_bad, "test")
+    return hdf5_source.hdf5_test_images(test_dir, files, reading, split_cache(cfg, files, "images", "test"))

@@ -10,6 +10,7 @@ Layout of a store directory (one directory: stage it to node-local disk with a s
     val_y.npy      (V, P, P, 1) uint8
     test_x.npy     (M, H, W, 9) float16   normalised full test images
     test_y.npy     (M, H, W)    uint8     their labels
+    *.crc32.npy    a CRC-32 per row of each array, checked on every read (row_files.py)
 
 ``.npy`` arrays are contiguous per patch (1.2 MB at the default size), so a patch is one read. Readers use
 ``os.preadv`` from a thread pool (rows.py: it releases the GIL, unlike copying out of a memory map), so reads run in
@@ -43,13 +44,13 @@ from ..dataset.files import Staging, find_files, resolve_layout, split_files
 from ..dataset.preprocess import N_CHANNELS, Geometry
 from ..errors import DataError
 from ..inference.evaluate import TestImages
-from . import hdf5_source, zarr_arrays
+from . import hdf5_source, row_files, zarr_arrays
 from .batches import BatchStream, PatchReader, StreamSettings
 from .row_files import RowFile, read_batch
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: CRC-32 sidecars
 META = "store.json"
 ARRAYS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
 ARRAY_FORMATS = ("npy", "zarr")
@@ -149,9 +150,10 @@ def _convert(splits: dict[str, list[Path]], g: Geometry, cfg, out: Path, jobs: i
         for n, _ in enumerate(pool.map(convert, jobs_list), 1):
             if progress:
                 progress(n, len(jobs_list))
-    for a in arrays.values():
+    for name, a in arrays.items():
         if hasattr(a, "flush"):
             a.flush()
+            row_files.seal(out / f"{name}.npy")
     return {f"{split}_x": n for split, n in rows.items()}
 
 
@@ -201,6 +203,8 @@ def replicate(src: str | os.PathLike, dst: str | os.PathLike, n_files: dict[str,
                     out[i * r:(i + 1) * r] = a[j * r:(j + 1) * r]
                 out.flush()
                 del out
+                crc = np.load(row_files.checksum_path(src / f"{split}_{part}.npy"))  # the copies' rows are the same
+                np.save(row_files.checksum_path(tmp / f"{split}_{part}.npy"), np.resize(crc[:k * r], n * r))
             done += n
             if progress:
                 progress(done, total)
@@ -273,6 +277,10 @@ def _load_meta(path: Path) -> dict:
     if meta.get("format") != FORMAT or _array_format(meta) not in ARRAY_FORMATS:
         raise DataError(f"{path}: store format {meta.get('format')} ({_array_format(meta)} arrays), this version "
                         f"reads {FORMAT} (.npy or Zarr)", "prepare the store again with this version")
+    files, counts = meta.get("files"), meta.get("counts")
+    if not all(isinstance(files, dict) and isinstance(files.get(s), list) and isinstance(counts, dict)
+               and isinstance(counts.get(f"{s}_x"), int) for s in ("train", "val", "test")):
+        raise DataError(f"{meta_file}: no file list or row count for every split", "prepare the store again")
     return meta
 
 
@@ -292,10 +300,18 @@ def open_store(path: str | os.PathLike, cfg) -> Store:
     if store.array_format == "zarr":
         store.array("train_x")  # opens and checks every array
         return store
+    per = {"train": g.patches_per_train_image, "val": g.patches_per_train_image, "test": 1}
     for name in ARRAYS:
         if not (path / f"{name}.npy").is_file():
             raise DataError(f"{path / (name + '.npy')}: missing", "copy or prepare the store again")
-        store.array(name).close()  # header and size: a truncated copy fails here, before any run
+        array = store.array(name)  # header, size and checksums: a damaged copy fails here, before any run
+        array.close()
+        split = name.split("_")[0]
+        listed = len(store.files(split)) * per[split]
+        if not len(array) == store.row_counts()[name] == listed:
+            raise DataError(f"{path / (name + '.npy')}: {len(array)} rows, but {META} counts "
+                            f"{store.row_counts()[name]} and lists {len(store.files(split))} {split} files "
+                            f"({listed} rows)", "the store was altered: copy or prepare it again")
     return store
 
 

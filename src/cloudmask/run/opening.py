@@ -12,6 +12,7 @@ from ..config import Config, flatten, load_config
 from ..errors import ConfigError, RunDirError
 from ..inputs import run_inputs
 from ..training import cluster as cluster_lib
+from . import recovery
 from .run_dir import RunDir
 from .state import RunState
 
@@ -31,7 +32,6 @@ def open_for_training(cfg: Config | None, out, resume: bool, changes: dict | Non
             raise RunDirError("--resume needs the run directory", "pass --out DIR of the run to continue")
         resumed = RunDir.existing(out)
         cfg = _resume_config(resumed, changes)
-        _refuse_finished(resumed)
     assert cfg is not None
     cluster = connect(cfg)
 
@@ -41,6 +41,14 @@ def open_for_training(cfg: Config | None, out, resume: bool, changes: dict | Non
 
     def open_run() -> tuple[RunDir | None, RunState]:
         if resume:
+            if cluster is None or cluster.is_chief:
+                resumed.lock()  # one process per run; what a killed writer left is cleared under it
+                try:
+                    _refuse_finished(resumed)
+                    return resumed, recovery.resumable_state(resumed)
+                except BaseException:
+                    resumed.release()
+                    raise
             return resumed, RunState.load(resumed.path)
         run = RunDir.create(out, cfg) if cluster is None or cluster.is_chief else None
         return run, RunState.load(run.path) if run else RunState()

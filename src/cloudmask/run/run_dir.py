@@ -1,7 +1,8 @@
 """The run directory: one run's files, created exclusively and never reused except to resume the same run.
 
 Its layout is the contract that reports, SLURM scripts and users read (docs/results.md). Every file is
-written to a temporary name and renamed into place (fileio).
+written to a temporary name and renamed into place (fileio). The process that writes a run holds its lock
+(lock.py) from creation, or from the start of a resume, to its end.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import yaml
 from .. import fileio
 from ..config import Config, config_from_dict, yaml_load
 from ..errors import RunDirError
+from .lock import RunLock
 
 CONFIG = "config.yaml"
 RESULTS = "results.json"
@@ -57,6 +59,7 @@ class RunDir:
     def __init__(self, path: Path, scratch: bool = False):
         self.path = Path(path)
         self.scratch = scratch  # a temporary directory of a process whose files are not kept
+        self._lock: RunLock | None = None
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -67,9 +70,15 @@ class RunDir:
         the default name, numbered when another run took it first. If its first files cannot be written (a full
         disk) nothing is left: a stub directory could neither be resumed nor reused."""
         target = _reserve(Path(path) if path else default_run_path(cfg), numbered=not path)
+        lock = None
         try:
-            return cls._populate(target, cfg)
+            lock = RunLock.take(target)  # before its first file: a --resume of the new name finds it in use
+            run = cls._populate(target, cfg)
+            run._lock = lock
+            return run
         except BaseException:
+            if lock is not None:
+                lock.release()
             shutil.rmtree(target, ignore_errors=True)
             raise
 
@@ -89,6 +98,18 @@ class RunDir:
             (run / "checkpoints").mkdir()
         fileio.write_text(run / CONFIG, cfg.to_yaml())
         return run
+
+    def lock(self) -> None:
+        """Hold this run's lock until ``release`` (the end of the process at the latest)."""
+        if self._lock is None:
+            self._lock = RunLock.take(self.path)
+            fileio.remove_leftovers(self.path)  # ours alone now: a temporary file here is a dead writer's
+            fileio.remove_leftovers(self.path / "checkpoints")
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def remove(self) -> None:
         if self.scratch:

@@ -151,6 +151,7 @@ class RunSession:
             self.stop.uninstall()
             self.mlog.close()
             console.detach(self._console)
+            self.run_dir.release()
             self.run_dir.remove()  # only a scratch directory is removed
 
     @property
@@ -390,7 +391,7 @@ class RunSession:
         self._energy = self.tel.finish()
         if keep:
             self.state.keep_energy(self._energy)
-            self.state.commit()
+            self.state.commit(step_done=False)
         return self._energy
 
     def _run_energy(self, energy: dict, history: list[dict]) -> dict:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .. import fileio
 from ..errors import RunDirError
+from .run_dir import MLPERF_LOG
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,10 @@ class RunState:
     staging: list = field(default_factory=list)  # one record per attempt that staged the data
     worker_reports: list = field(default_factory=list)  # multi-worker: every worker's share, for the chief
     energy_attempts: list = field(default_factory=list)  # energy of earlier attempts, merged by the finishing one
+    # integrity (recovery.py): mlperf.log's length at the last commit that closed a step of the run (what follows
+    # it belongs to work a resume redoes), and the SHA-256 of each checkpoint the state names
+    log_bytes: int | None = None
+    checkpoint_sha256: dict = field(default_factory=dict)
     path: Path | None = field(default=None, repr=False, compare=False)  # where commit() writes; not in the file
 
     # -- the file --------------------------------------------------------------------------------------------
@@ -80,10 +85,16 @@ class RunState:
         out.pop("path")
         return out
 
-    def commit(self) -> None:
-        """Write state.json atomically (a temporary file renamed over the old one)."""
-        if self.path is not None:
-            fileio.write_json(self.path, self.to_dict())
+    def commit(self, step_done: bool = True) -> None:
+        """Write state.json atomically (a temporary file renamed over the old one). ``step_done``: the MLPerf log
+        is whole up to here (a start, an epoch, the end of training or of the run), so its length is recorded;
+        a commit in the middle of a step (an interruption keeping its energy) leaves the mark where it was."""
+        if self.path is None:
+            return
+        if step_done:
+            log_file = self.path.parent / MLPERF_LOG
+            self.log_bytes = log_file.stat().st_size if log_file.is_file() else 0
+        fileio.write_json(self.path, self.to_dict())
 
     def moved_to(self, run_path: Path) -> "RunState":
         """This state, committed from now on into ``run_path`` (a worker's own scratch run directory)."""
@@ -109,13 +120,15 @@ class RunState:
         self.run_started = True
 
     def commit_epoch(self, done: int, latest: str, best: tuple[str, float] | None, early_stopping: dict | None,
-                     stopped_early: bool) -> None:
+                     stopped_early: bool, sha256: dict | None = None) -> None:
         """Epoch ``done`` finished and its checkpoints are on disk (``best``: its file and val_loss when it is
-        the best so far); committed by the caller right after."""
+        the best so far; ``sha256``: the digest of each file written); committed by the caller right after."""
         if best is not None:
             self.best, self.best_val_loss = best
             self.best_epoch = done
         self.latest, self.epochs_done = latest, done
+        kept = {self.latest, self.best}
+        self.checkpoint_sha256 = {k: v for k, v in {**self.checkpoint_sha256, **(sha256 or {})}.items() if k in kept}
         if early_stopping is not None:
             self.early_stopping, self.stopped_early = early_stopping, stopped_early
 

@@ -175,14 +175,17 @@ class Checkpointer(keras.callbacks.Callback):
         stale = [state.latest] if state.latest else []
         latest = f"checkpoints/latest-epoch{done:04d}.keras"
         save_model(self.model, self.run / latest)
+        written = [latest]
         best = None
         if state.best_val_loss is None or val_loss < state.best_val_loss:
             best = (f"checkpoints/best-epoch{done:04d}.keras", val_loss)
             save_model(self.model, self.run / best[0])
+            written.append(best[0])
             stale += [state.best] if state.best else []
         es = self.early_stopping
         state.commit_epoch(done, latest, best, es.state() if es is not None else None,
-                           stopped_early=bool(self.model.stop_training) and state.target_epoch != done)
+                           stopped_early=bool(self.model.stop_training) and state.target_epoch != done,
+                           sha256={name: fileio.file_sha256(self.run / name) for name in written})
         state.commit()
         for name in stale:
             (self.run / name).unlink(missing_ok=True)

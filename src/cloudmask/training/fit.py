@@ -155,7 +155,7 @@ def train_run(cfg, model, inputs, ctx: FitContext, extra_callbacks: list | None 
     except StopTraining:
         state.add_fit_time(time.perf_counter() - t0)
         if ctx.chief:
-            state.commit()
+            state.commit(step_done=False)  # the interrupted epoch's MLPerf lines are not the run's: resume drops them
         # a worker that got no signal itself stops because another did (SLURM signals all of a step's tasks)
         raise TrainingInterrupted(ctx.stop.signum or signal.SIGTERM, state.epochs_done, ctx.checkpoint_dir) from None
     state.add_fit_time(time.perf_counter() - t0)
