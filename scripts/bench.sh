@@ -5,4 +5,5 @@ set -euo pipefail
 # shellcheck source=scripts/env.sh
 source "$(dirname "$0")/env.sh"
 cloudmask_env tf
+echo "(cloudmask lives in .venv: '. .venv/bin/activate' or .venv/bin/cloudmask to run it yourself)" >&2
 exec cloudmask bench "$@"

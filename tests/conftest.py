@@ -25,6 +25,44 @@ def patch_cache_dir(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_user_cache(tmp_path_factory) -> Path:
+    """$XDG_CACHE_HOME (where bench synthesizes its data) under pytest's temporary root, for this process and
+    every CLI run and job it starts: the suite never writes into the user's ~/.cache."""
+    root = tmp_path_factory.mktemp("xdg-cache")
+    os.environ["XDG_CACHE_HOME"] = str(root)
+    return root
+
+
+# What a test must leave alone: the checkout (but for Python's own caches and the .venv the test command made)
+# and the user's cloudmask cache. A test that adds a file there fails, named, at its teardown.
+REPO = Path(__file__).resolve().parents[1]
+_NOT_WATCHED = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache"}
+
+
+def _files_under(root: Path) -> set[str]:
+    found = set()
+    for top, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _NOT_WATCHED and not d.endswith(".egg-info")
+                   and not d.startswith(".venv")]  # .venv, and .venv-jax of the JAX lane
+        found.update(os.path.join(top, f) for f in files)
+    return found
+
+
+def _watched() -> set[str]:
+    return _files_under(REPO) | _files_under(Path.home() / ".cache" / "cloudmask")
+
+
+@pytest.fixture(autouse=True)
+def writes_nothing_outside_its_tmp(request):
+    before = _watched()
+    yield
+    added = sorted(_watched() - before)
+    if added:
+        pytest.fail(f"{request.node.nodeid} wrote outside its temporary directory: {', '.join(added[:5])}",
+                    pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory) -> Path:
     """5 training files (4 train + 1 validation after the split) and 2 test files, read-only for tests."""

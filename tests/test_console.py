@@ -40,8 +40,8 @@ def test_bench_in_a_batch_log_shows_progress_before_the_first_epoch_ends(dataset
     assert proc.wait(timeout=600) == 0, stderr
     stdout = "".join(lines)
     # a line at the first step (the slowest: it compiles), before history.csv has its first epoch
-    assert seen_during_epoch_1 and re.match(r"epoch 1/2 training  1/10\s+10 %  [\d.]+ patches/s  \S+ elapsed  ETA ",
-                                            seen_during_epoch_1[0][1]), stdout
+    assert seen_during_epoch_1 and re.match(r"epoch 1/2 training  1/10\s+10 %  [\d.]+ (?:patches/s|s/patch)  \S+ "
+                                            r"elapsed  ETA ", seen_during_epoch_1[0][1]), stdout
     assert "epoch 1/2 validation  2/2" in stdout and "inference  1/1" in stdout
     assert stdout.index("epoch 1/2 training  1/10") < stdout.index("epoch 1/2  loss")
     # quiet stderr: no absl or oneDNN lines (TensorFlow writes them on every import)
@@ -111,6 +111,20 @@ def test_progress_lines_every_tenth_or_interval(caplog):
     caplog.clear()
     Progress("off", 10, mode="off").update(10)
     assert not caplog.records
+
+
+def test_a_slow_rate_reads_as_time_per_item_and_the_last_line_comes_once(caplog):
+    caplog.set_level("INFO", logger='cloudmask.cli.progress')
+    started = time.perf_counter() - 64.0  # two images took 64 s
+    slow = Progress("inference", 2, mode="lines", unit="images", items_per_step=1, started=started)
+    slow.update(2)
+    slow.update(2)  # evaluate()'s final update after its last group: the same count, no second line
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and re.search(r"  3\d\.\d s/image  1:0\d elapsed$", lines[0]), lines
+    assert "0.0 images/s" not in lines[0]
+    fast = Progress("epoch", 4, mode="off", items_per_step=32, started=time.perf_counter() - 1.0)
+    fast.update(1)
+    assert re.search(r"  3\d\.\d patches/s  ", fast.line()), fast.line()
 
 
 def test_tables_align_numbers_on_the_decimal_point_and_text_left():

@@ -3,6 +3,7 @@ at any instant recoverable, a signal that always stops. Real processes, real fil
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,7 +16,6 @@ import numpy as np
 import pytest
 from conftest import TINY, assert_clean_error, run_cli
 
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -23,9 +23,20 @@ def _sets(*extra: str) -> list[str]:
     return [a for kv in [*TINY, "telemetry.idle_seconds=0", *extra] for a in ("--set", kv)]
 
 
+def _env() -> dict:
+    """The environment now (the session fixtures point the caches at pytest's temporary root)."""
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def _no_aws(tmp_path: Path) -> dict:
+    """No credentials and no instance metadata: anonymous requests to the local S3 server."""
+    return {**{k: v for k, v in _env().items() if not k.startswith("AWS_")}, "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no"), "AWS_CONFIG_FILE": str(tmp_path / "no")}
+
+
 def _start(*args: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "cloudmask", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env or ENV)
+                            stderr=subprocess.PIPE, text=True, env=env or _env())
 
 
 def _wait_for(predicate, proc: subprocess.Popen | None = None, timeout: float = 300) -> None:
@@ -232,43 +243,61 @@ def test_a_closed_stdout_ends_the_output_quietly_and_the_run_goes_on(dataset, tm
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "cloudmask", "train", "--data", str(dataset), "--out", str(out), *_sets()]
     done = subprocess.run(" ".join(f"'{c}'" for c in cmd) + " | head -3", shell=True, capture_output=True,
-                          text=True, env=ENV, timeout=600)
+                          text=True, env=_env(), timeout=600)
     assert len(done.stdout.splitlines()) == 3
     assert "Traceback" not in done.stderr and "Logging error" not in done.stderr and "BrokenPipe" not in done.stderr
     assert _results(out)["status"] == "success"
     assert "test: avg_accuracy" in (out / "console.log").read_text()  # the file kept what the screen lost
 
 
-@pytest.mark.slow  # about a minute: the stop may need the whole grace period
-def test_a_stopped_object_store_cannot_hold_the_process_after_sigterm(dataset, tmp_path):
+@contextlib.contextmanager
+def _training_from_s3(dataset, tmp_path: Path, bucket: str, *sets: str):
+    """A local S3 server (its own process, so it can be stopped or killed) holding ``dataset``, and a run training
+    from it with the cache off, once its first epoch is done: yields (server, run process, run directory)."""
     pytest.importorskip("moto")
     ready = tmp_path / "endpoint"
-    server = subprocess.Popen([sys.executable, str(REPO / "scripts" / "local_s3.py"), str(dataset), "hung",
+    server = subprocess.Popen([sys.executable, str(REPO / "scripts" / "local_s3.py"), str(dataset), bucket,
                                "--ready", str(ready)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         _wait_for(lambda: ready.is_file() and ready.read_text().strip(), server, timeout=120)
         out = tmp_path / "run"
         endpoint = ready.read_text().strip()
-        proc = _start("train", "--data", "s3://hung/ds", "--out", str(out),
-                      *_sets("data.cache=off", "train.epochs=20", f"data.remote.endpoint_url={endpoint}"),
-                      env={**{k: v for k, v in ENV.items() if not k.startswith("AWS_")},
-                           "AWS_EC2_METADATA_DISABLED": "true", "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no"),
-                           "AWS_CONFIG_FILE": str(tmp_path / "no")})
+        proc = _start("train", "--data", f"s3://{bucket}/ds", "--out", str(out),
+                      *_sets("data.cache=off", "train.epochs=20", f"data.remote.endpoint_url={endpoint}", *sets),
+                      env=_no_aws(tmp_path))
         _wait_for(lambda: _epochs_logged(out) >= 1, proc)
+        yield server, proc, out
+    finally:
+        server.send_signal(signal.SIGCONT)
+        server.kill()  # its threads may still serve the connections a stopped process had open
+        server.communicate(timeout=60)
+
+
+@pytest.mark.slow  # about a minute: the stop may need the whole grace period
+def test_a_stopped_object_store_cannot_hold_the_process_after_sigterm(dataset, tmp_path):
+    with _training_from_s3(dataset, tmp_path, "hung") as (server, proc, _):
         server.send_signal(signal.SIGSTOP)  # the server hangs: connections open, no answer
         time.sleep(5)
         t0 = time.time()
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
-        assert time.time() - t0 < 30, stderr
-        assert proc.returncode == 143, stderr
-        assert "Traceback" not in stderr
-        assert [line for line in stderr.splitlines() if line.startswith("cloudmask: error:")] or \
-            "SIGTERM received" in stderr, stderr
-    finally:
-        server.send_signal(signal.SIGCONT)
-        server.kill()  # its threads may still serve the connections the stopped process had open
-        server.communicate(timeout=60)
+    assert time.time() - t0 < 30, stderr
+    assert proc.returncode == 143, stderr
+    assert "Traceback" not in stderr
+    assert [line for line in stderr.splitlines() if line.startswith("cloudmask: error:")] or \
+        "SIGTERM received" in stderr, stderr
+
+
+@pytest.mark.slow  # a minute: training from S3 until the server dies
+def test_an_object_store_that_dies_mid_run_is_one_line_without_tracebacks(dataset, tmp_path):
+    with _training_from_s3(dataset, tmp_path, "dying", "data.remote.retries=2") as (server, proc, out):
+        server.kill()
+        _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("cloudmask: error:")]
+    assert len(errors) == 1 and "s3://dying/ds" in errors[0] and "did not answer" in errors[0], stderr
+    assert _results(out)["status"] == "failed"
 
 
 # ------------------------------------------------------------------ input problems, before training

@@ -205,7 +205,8 @@ def test_an_interrupted_store_write_leaves_no_store(s3, dataset, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "Traceback" not in err, err
     assert not [k for k in objects(s3, PRIVATE) if k.startswith("cut/")]  # what it wrote is removed
-    done = run_cli("train", "--store", f"s3://{PRIVATE}/cut", *SETS, env={k: env[k] for k in NO_AWS[:2]})
+    done = run_cli("train", "--store", f"s3://{PRIVATE}/cut", *SETS, env={k: env[k] for k in NO_AWS[:2]},
+                   cwd=tmp_path)
     assert_clean_error(done, "not a patch store")
 
 
@@ -217,15 +218,15 @@ def test_an_interrupted_store_write_leaves_no_store(s3, dataset, tmp_path):
     (f"s3://{PUBLIC}/ds", ["data.remote.endpoint_url=http://127.0.0.1:9", "data.remote.retries=2"],
      ["did not answer after 2 attempts", "data.remote.retries"]),
 ])
-def test_storage_failures_are_one_line(s3, url, sets, needles):
+def test_storage_failures_are_one_line(s3, url, sets, needles, tmp_path):
     args = [a for kv in sets for a in ("--set", kv)]
     for command in (["data", "verify", url], ["train", "--data", url, *SETS]):
-        done = run_cli(*command, *args, timeout=120)
+        done = run_cli(*command, *args, timeout=120, cwd=tmp_path)  # a failed run's directory stays in tmp_path
         assert_clean_error(done, *needles)
 
 
-def test_a_missing_store_prefix_is_one_line(s3):
-    assert_clean_error(run_cli("train", "--store", f"s3://{PUBLIC}/no-store", *SETS),
+def test_a_missing_store_prefix_is_one_line(s3, tmp_path):
+    assert_clean_error(run_cli("train", "--store", f"s3://{PUBLIC}/no-store", *SETS, cwd=tmp_path),
                        f"s3://{PUBLIC}/no-store: not a patch store (no store.json)")
 
 

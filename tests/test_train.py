@@ -138,7 +138,9 @@ def test_an_existing_run_directory_is_refused_and_left_alone(finished_run, datas
     out, _ = finished_run
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     done = run_cli("train", "--data", str(dataset), "--out", str(out), *sum((["--set", s] for s in TINY), []))
-    assert_clean_error(done, str(out), "already exists")
+    assert_clean_error(done, str(out), "already exists", f"cloudmask train --resume --out {out}")
+    done = run_cli("bench", "--data", str(dataset), "--out", str(out))  # bench has no --resume of its own
+    assert_clean_error(done, str(out), "already exists", f"cloudmask train --resume --out {out}")
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 

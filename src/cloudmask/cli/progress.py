@@ -24,6 +24,10 @@ def resolve(mode: str) -> str:
     return mode
 
 
+def _one(unit: str) -> str:
+    return {"patches": "patch", "images": "image", "files": "file"}.get(unit, unit)
+
+
 def _clock(seconds: float) -> str:
     seconds = int(round(seconds))
     h, rest = divmod(seconds, 3600)
@@ -45,6 +49,7 @@ class Progress:
         self._t0 = time.perf_counter() if started is None else started  # perf_counter() when the work began
         self._last_t = self._t0
         self._last_tenth = 0
+        self._reported = -1  # the count of the last line written
         self._live = False
 
     def update(self, done: int | None = None) -> None:
@@ -57,9 +62,11 @@ class Progress:
             self._write_live(now)
             return
         tenth = 10 * self.done // self.total if self.total else 10
+        if self.done == self._reported:
+            return  # the same count again (a caller's final update after the last step): one line is enough
         if self.done == 1 or self.done >= self.total or tenth > self._last_tenth \
                 or now - self._last_t >= self.interval_s:
-            self._last_t, self._last_tenth = now, tenth
+            self._last_t, self._last_tenth, self._reported = now, tenth, self.done
             log.info("%s", self.line(now))
 
     def line(self, now: float | None = None) -> str:
@@ -68,7 +75,9 @@ class Progress:
         if self.total:
             parts.append(f"{100 * self.done / self.total:3.0f} %")
         if self.items_per_step and elapsed > 0 and self.done:
-            parts.append(f"{self.items_per_step * self.done / elapsed:.1f} {self.unit}/s")
+            rate = self.items_per_step * self.done / elapsed
+            # a slow rate as time per item: 32 s per image is "32.0 s/image", not "0.0 images/s"
+            parts.append(f"{rate:.1f} {self.unit}/s" if rate >= 1 else f"{1 / rate:.1f} s/{_one(self.unit)}")
         parts.append(f"{_clock(elapsed)} elapsed")
         if 0 < self.done < self.total:
             parts.append(f"ETA {_clock(elapsed / self.done * (self.total - self.done))}")

@@ -50,8 +50,9 @@ def _reserve(target: Path, numbered: bool) -> Path:
             if not numbered:
                 if not name.is_dir():
                     raise RunDirError(f"{name}: a file of that name already exists", "choose a new --out") from None
-                raise RunDirError(f"{name}: run directory already exists",
-                                  "choose a new --out, or continue that run with --resume") from None
+                raise RunDirError(f"{name}: run directory already exists",  # bench and infer have no --resume
+                                  f"choose a new --out, or continue that run: cloudmask train --resume --out "
+                                  f"{name}") from None
     raise RunDirError(f"{target}: 10,000 run directories of that name", "clean up output.root")
 
 
