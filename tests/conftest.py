@@ -13,8 +13,11 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-# A tiny U-Net (filters 4, depth 2) and small batches: same code paths as the reference model, ~100x cheaper.
-TINY = ["model.filters=4", "model.depth=2", "train.batch_size=8", "train.epochs=2", "infer.images_per_call=2"]
+# A tiny U-Net (filters 4, depth 2), small batches and one test image scored: same code paths as the reference
+# model, ~100x cheaper. Tests about scoring several images add infer.max_files=null (ALL_TEST_FILES).
+TINY = ["model.filters=4", "model.depth=2", "train.batch_size=8", "train.epochs=2", "infer.images_per_call=2",
+        "infer.max_files=1"]
+ALL_TEST_FILES = "infer.max_files=null"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -139,6 +142,22 @@ def pytest_runtest_logfinish(nodeid, location):
             _peaks[key] = (peak, nodeid)
 
 
+def pytest_sessionfinish(session, exitstatus):
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # a pytest-xdist worker hands its peaks to the controller
+        workeroutput["rss_peaks"] = dict(_peaks)
+    elif _over_limit() and session.testscollected:
+        session.exitstatus = 1
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """pytest-xdist's controller: the peaks of each worker as they finish (the controller itself runs no test)."""
+    for key, (gib, test) in (getattr(node, "workeroutput", None) or {}).get("rss_peaks", {}).items():
+        if gib > _peaks[key][0]:
+            _peaks[key] = (gib, test)
+
+
 def _over_limit() -> list[str]:
     return [f"{who} {gib:.2f} GiB in {test}" for who, (gib, test) in _peaks.items() if gib > RSS_LIMIT_GIB]
 
@@ -147,14 +166,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not _peaks["self"][1]:
         return  # nothing ran (--collect-only)
     terminalreporter.write_line(
-        f"peak RSS of the pytest process {_peaks['self'][0]:.2f} GiB (reached in {_peaks['self'][1] or '-'}), "
+        f"peak RSS of a pytest process {_peaks['self'][0]:.2f} GiB (reached in {_peaks['self'][1] or '-'}), "
         f"of the largest child process {_peaks['children'][0]:.2f} GiB (in {_peaks['children'][1] or '-'}); "
         f"limit {RSS_LIMIT_GIB:g} GiB")
     if _over_limit():
         terminalreporter.write_line(f"FAILED memory ceiling: over {RSS_LIMIT_GIB:g} GiB RSS: "
                                     f"{'; '.join(_over_limit())}", red=True)
 
-
-def pytest_sessionfinish(session, exitstatus):
-    if _over_limit() and session.testscollected:
-        session.exitstatus = 1

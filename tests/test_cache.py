@@ -281,6 +281,7 @@ def _sets(*extra: str) -> list[str]:
     return [arg for s in (*TINY, "train.epochs=1", *extra) for arg in ("--set", s)]
 
 
+@pytest.mark.slow  # two trainings compared; reuse by the next process runs by default above
 def test_runs_record_the_cache_and_a_repeat_reuses_it_with_identical_results(dataset, tmp_path):
     root = tmp_path / "cache"
     outs = []
@@ -298,6 +299,7 @@ def test_runs_record_the_cache_and_a_repeat_reuses_it_with_identical_results(dat
     assert outs[0]["deviations"] == outs[1]["deviations"] and "data.cache" not in outs[0]["deviations"]
 
 
+@pytest.mark.slow  # a whole run; data.cache=off runs by default in test_remote
 def test_cache_off_writes_nothing_and_a_bad_cache_dir_is_one_clear_error(dataset, tmp_path):
     done = run_cli("train", "--data", str(dataset), "--out", str(tmp_path / "off"), *_sets("data.cache=off"),
                    env={"CLOUDMASK_CACHE_DIR": str(tmp_path / "auto")})

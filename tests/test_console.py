@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import TINY, run_cli
 
 from cloudmask.cli.progress import Progress
@@ -53,6 +54,7 @@ def test_bench_in_a_batch_log_shows_progress_before_the_first_epoch_ends(dataset
     assert "epoch 1/2 training  1/10" in console
 
 
+@pytest.mark.slow  # a bench run; progress itself is checked by default above
 def test_quiet_silences_progress(dataset, tmp_path):
     done = run_cli("bench", "--data", str(dataset), "--out", str(tmp_path / "run"), "--quiet",
                    *(a for kv in [*TINY, "train.epochs=1", "infer.max_files=1"] for a in ("--set", kv)))
@@ -61,6 +63,7 @@ def test_quiet_silences_progress(dataset, tmp_path):
     assert "epoch 1/1  loss" in done.stdout  # the per-epoch result line stays
 
 
+@pytest.mark.slow  # two doctor runs; the noise filter is checked by default below
 def test_doctor_stderr_is_quiet_and_verbose_brings_the_messages_back(tmp_path):
     quiet = subprocess.run([CLOUDMASK, "doctor", "--results", str(tmp_path)], capture_output=True, text=True,
                            env=_user_env(), timeout=300)

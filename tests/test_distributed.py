@@ -60,6 +60,8 @@ def results(run: Path) -> dict:
     return json.loads((run / "results.json").read_text())
 
 
+@pytest.mark.slow  # four trainings, a minute; two workers run by default in
+# test_a_failure_on_the_chief_stops_every_worker_with_its_message
 def test_two_workers_follow_one_worker_and_keras_fit(prepared, tmp_path):
     """The must-hold: 2 workers (each reading half of every global batch of 8) train the tiny model along the
     trajectory of 1 worker with the same global batch, and of plain Keras fit, within TOLERANCE."""
@@ -141,6 +143,7 @@ def test_a_failure_on_the_chief_stops_every_worker_with_its_message(prepared, tm
     assert "Traceback" not in worker1
 
 
+@pytest.mark.slow  # two workers timed; throughput mode runs by default in test_store
 def test_throughput_reports_every_worker_and_the_weak_scaling_efficiency(prepared, tmp_path):
     done = workers(2, "bench", "--mode", "throughput", "--store", str(prepared), "--warmup", "1", "--steps", "3",
                    "--json", tmp=tmp_path, sets=[*TINY, "train.batch_size=4", "train.micro_batch_size=null",
@@ -199,6 +202,7 @@ def test_a_bad_tf_config_is_named(text, needle):
         cluster.read_tf_config(text)
 
 
+@pytest.mark.slow  # a CLI start-up; the messages are checked by default above
 def test_a_bad_tf_config_is_a_clean_error_from_the_cli(prepared, tmp_path):
     done = run_cli("train", "--store", str(prepared), "--out", str(tmp_path / "r"), "--set",
                    "distribute.strategy=multi_worker", env={"TF_CONFIG": '{"cluster": {"worker": ["a:1"]}, '

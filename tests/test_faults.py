@@ -88,6 +88,7 @@ def test_a_full_disk_before_the_first_file_leaves_nothing_behind(dataset, mounts
     assert again.returncode == 0, again.stderr  # the same name is free for the next try
 
 
+@pytest.mark.slow  # a run on a filling tmpfs, then resumed; a full disk at the start runs by default above
 def test_a_disk_that_fills_mid_run_fails_cleanly_and_resumes_once_there_is_room(dataset, mounts):
     fs = mounts("tmpfs", "400k")  # room for one ~240 KB checkpoint of the tiny model, not two
     run = fs / "run"
@@ -126,6 +127,7 @@ def test_a_read_only_output_is_one_clear_error_for_a_new_run_and_a_resume(datase
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow  # two runs at once; a taken name is checked by default below
 def test_two_runs_started_together_get_two_run_directories(dataset, tmp_path):
     """The default name has a one-second time stamp; the second process to reserve it takes the next number."""
     root = tmp_path / "results"

@@ -109,6 +109,7 @@ def test_report_during_a_run_lists_it_as_running_not_failed(dataset, tmp_path):
     assert json.loads((tmp_path / "report" / "report.json").read_text())["runs"][0]["status"] == "interrupted"
 
 
+@pytest.mark.slow  # a run killed, then resumed; the lock's refusal runs by default in two_resumes_at_once
 def test_a_dead_holders_lock_is_taken_over(dataset, tmp_path):
     out = tmp_path / "run"
     proc = _start("train", "--data", str(dataset), "--out", str(out), *_sets("train.epochs=3"))
@@ -130,6 +131,7 @@ def _damage(path: Path, offset_fraction: float = 0.5, size: int = 1 << 16) -> No
         f.write(os.urandom(size))
 
 
+@pytest.mark.slow  # three trainings; a damaged entry is rebuilt by default in test_cache
 def test_damaged_bytes_in_the_patch_cache_are_never_trained_on(dataset, tmp_path):
     cache_dir = tmp_path / "cache"
     env_sets = _sets("train.deterministic=true")
@@ -172,6 +174,7 @@ def _edit_meta(store: Path, change) -> None:
     (store / "store.json").write_text(json.dumps(meta))
 
 
+@pytest.mark.slow  # two runs and a resume; resuming runs by default in two_resumes_at_once
 def test_a_checkpoint_that_is_not_the_runs_is_refused_on_resume(dataset, tmp_path):
     out = tmp_path / "run"
     _interrupted_run(dataset, out)
@@ -183,6 +186,7 @@ def test_a_checkpoint_that_is_not_the_runs_is_refused_on_resume(dataset, tmp_pat
 # ------------------------------------------------------------------------ a kill at any instant
 
 
+@pytest.mark.slow  # runs killed and restarted
 def test_a_run_killed_before_its_first_commit_starts_over_and_a_lost_state_is_refused(dataset, tmp_path):
     out = tmp_path / "run"
     proc = _start("train", "--data", str(dataset), "--out", str(out), *_sets())
@@ -239,6 +243,7 @@ def test_sighup_stops_like_sigterm_with_an_interrupted_record(dataset, tmp_path)
     assert _results(out)["status"] == "interrupted" and "--resume" in stderr
 
 
+@pytest.mark.slow  # a whole run behind a closed pipe
 def test_a_closed_stdout_ends_the_output_quietly_and_the_run_goes_on(dataset, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "cloudmask", "train", "--data", str(dataset), "--out", str(out), *_sets()]

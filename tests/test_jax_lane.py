@@ -13,13 +13,13 @@ import sys
 import time
 
 import pytest
-from conftest import TINY, run_cli
+from conftest import ALL_TEST_FILES, TINY, run_cli
 
 from cloudmask.run.results import schema_problem
 
 pytestmark = pytest.mark.skipif(os.environ.get("KERAS_BACKEND") != "jax",
                                 reason="the JAX lane: scripts/ci/jax_lane.sh (KERAS_BACKEND=jax, no TensorFlow)")
-SETS = [a for kv in TINY for a in ("--set", kv)]
+SETS = [a for kv in [*TINY, ALL_TEST_FILES] for a in ("--set", kv)]
 
 
 def test_the_lane_has_jax_and_no_tensorflow():

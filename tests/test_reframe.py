@@ -8,8 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import TINY
 
+pytestmark = pytest.mark.slow  # ReFrame around tiny bench runs: half a minute each
 REPO = Path(__file__).resolve().parents[1]
 CHECK = REPO / "scripts" / "reframe" / "cloudmask_check.py"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY, assert_clean_error, run_cli
+from conftest import ALL_TEST_FILES, TINY, assert_clean_error, run_cli
 
 from cloudmask.config import load_config
 from cloudmask.dataset import object_storage
@@ -86,11 +86,13 @@ def _scores(test: dict) -> tuple:
     return test["per_file"], test["avg_accuracy"]  # per file: accuracy and confusion counts (no timings)
 
 
+@pytest.mark.slow  # two trainings and an inference; training from S3 runs by default in
+# test_credentials_never_reach_a_file_of_the_run
 def test_training_and_inference_from_s3_match_the_local_copy(s3, dataset, tmp_path):
     before = objects(s3, PUBLIC)
     runs = {}
     for name, source in (("s3", f"s3://{PUBLIC}/ds"), ("local", str(dataset))):
-        done = run_cli("train", "--data", source, "--out", str(tmp_path / name), *SETS)
+        done = run_cli("train", "--data", source, "--out", str(tmp_path / name), *SETS, "--set", ALL_TEST_FILES)
         assert done.returncode == 0, done.stderr
         runs[name] = results(tmp_path / name)
     for key in HISTORY:  # same files, same split, same seed: the same run, bit for bit

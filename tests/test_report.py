@@ -120,6 +120,7 @@ def _is_png(path, min_bytes=5_000):
     return True
 
 
+@pytest.mark.slow  # two bench runs; the report's tables and plots run by default on hand-made runs
 def test_report_over_real_bench_runs_and_a_broken_one(dataset, tmp_path):
     pytest.importorskip("matplotlib")
     from conftest import TINY
@@ -221,3 +222,22 @@ def test_report_names_experiments_and_never_writes_into_a_run(tmp_path):
     assert sorted(p.name for p in single.iterdir()) == before  # the run directory is left as its run wrote it
     md = (results / "report-20261204-120010-seed1" / "report.md").read_text()
     assert "(1 run)" in md and "1 runs" not in md and "1 run in 1 experiment: 1 successful." in md
+
+
+def test_a_run_that_failed_before_its_data_opened_is_grouped_by_its_command(tmp_path):
+    """A real train run in a generic results/ folder that stops at start-up (3 files: the validation file gives
+    fewer patches than one batch) still leaves its manifest, so the report files it under "train runs" (#35)."""
+    from cloudmask.dataset.synth import synthesize
+
+    synthesize(tmp_path / "data", n_train=3, n_test=1, seed=3)
+    done = run_cli("train", "--data", str(tmp_path / "data"), "--set", "model.filters=4", "--set", "model.depth=2",
+                   cwd=tmp_path)
+    assert_clean_error(done, "fewer than one batch")
+    (run,) = (tmp_path / "results").iterdir()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["command"][1:3] == ["train", "--data"] and manifest["host"]["hostname"]
+    assert manifest["dataset"]["manifest_sha256"] is None and manifest["end_time"]
+    done = run_cli("report", str(tmp_path / "results"), "--format", "csv")
+    assert done.returncode == 0, done.stderr
+    (row,) = csv.DictReader(open(tmp_path / "results" / "report" / "runs.csv"))
+    assert (row["experiment"], row["status"]) == ("train runs", "failed") and "fewer than one batch" in row["reason"]

@@ -3,6 +3,7 @@ driven by Selenium) at a laptop's 1,280 px, with names, machines and reasons as 
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -28,6 +29,24 @@ def _browser():
     return webdriver.Chrome(service=Service(driver), options=options)
 
 
+# Each word (whitespace-separated) of a table cell that the browser laid out on more than one line, with its
+# column; run names and reasons (paths, long identifiers) may break, a status, number or machine name may not.
+BROKEN_WORDS = """
+    const broken = [];
+    for (const cell of document.querySelectorAll('tbody td')) {
+        const header = cell.closest('table').tHead.rows[0].cells[cell.cellIndex].textContent;
+        const text = cell.firstChild;
+        if (['run', 'reason'].includes(header) || !text || text.nodeType !== Node.TEXT_NODE) continue;
+        for (const word of text.data.matchAll(/\\S+/g)) {
+            const range = document.createRange();
+            range.setStart(text, word.index);
+            range.setEnd(text, word.index + word[0].length);
+            if (range.getClientRects().length > 1) broken.push([header, word[0]]);
+        }
+    }
+    return broken;"""
+
+
 def _experiment(root, name, n, status_of=lambda seed: "success"):
     for seed in range(1, n + 1):
         target = {"metric": "val_accuracy", "value": 0.85, "reached": seed != 2, "epochs_to_target": 9,
@@ -43,6 +62,9 @@ def test_report_html_fits_a_laptop_screen_with_friendly_names(tmp_path):
     results = tmp_path / "results"
     _experiment(results, "h100-bf16-batch256-xla-global-shuffle", 5, lambda s: "failed" if s == 5 else "success")
     _experiment(results, "a100", 1)
+    infer = results / "20261204-163848-seed1001-infer-best-20261204-171502"  # output.root's generic folder
+    _fake_run(infer, 1001, 0.8912345, 1234.56789)
+    (infer / "manifest.json").write_text(json.dumps({"host": {"hostname": "node7"}, "command": ["cloudmask", "infer"]}))
     done = run_cli("report", str(results))
     assert done.returncode == 0, done.stderr
     page = results / "report" / "report.html"
@@ -56,6 +78,7 @@ def test_report_html_fits_a_laptop_screen_with_friendly_names(tmp_path):
         align = browser.execute_script("""
             return [...document.querySelectorAll('tbody td')].map(c => [
                 c.closest('table').tHead.rows[0].cells[c.cellIndex].textContent, getComputedStyle(c).textAlign]);""")
+        broken = browser.execute_script(BROKEN_WORDS)
         browser.save_screenshot(str(tmp_path / "report.png"))
     finally:
         browser.quit()
@@ -63,7 +86,8 @@ def test_report_html_fits_a_laptop_screen_with_friendly_names(tmp_path):
     for raw in ("time_per_epoch_s", "gpu_energy_j", "test_accuracy", "olympic_mean"):
         assert raw not in text  # friendly names only
     assert "time per epoch (s)" in text and "olympic mean" in text
-    assert "a100 (1 run)" in text and "(5 runs)" in text and "1 runs" not in text
+    assert not broken, f"words broken across lines: {broken}"  # "succes" / "s" beside a long run name
+    assert "infer runs (1 run)" in text and "a100 (1 run)" in text and "(5 runs)" in text and "1 runs" not in text
     by_column: dict[str, set] = {}
     for header, how in align:
         by_column.setdefault(header, set()).add(how)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,3 +33,26 @@ def test_shellcheck():
     done = subprocess.run(["shellcheck", "--severity=style", "--external-sources", *map(str, shell_scripts())],
                           capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_after_the_quick_start_readme_and_bench_sh_say_how_to_run_cloudmask_and_it_works(tmp_path):
+    """The quick start leaves `cloudmask` in .venv, not on PATH: bench.sh says so on stderr, the README says so
+    where the quick start first names a cloudmask command, and what they say works (#35)."""
+    venv = Path(sys.prefix)
+    if not (venv / ".cloudmask-installed").is_file():
+        pytest.skip("not run from an environment made by scripts/env.sh (./scripts/test.sh makes one)")
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != venv / "bin")
+    env = {**os.environ, "PATH": path, "CLOUDMASK_VENV": str(venv), "VIRTUAL_ENV": ""}
+    assert shutil.which("cloudmask", path=path) is None  # as after the quick start: not on PATH
+    done = subprocess.run([str(REPO / "scripts" / "bench.sh"), "--help"], env=env, capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert done.returncode == 0 and "usage: cloudmask bench" in done.stdout, done.stderr
+    assert "'. .venv/bin/activate' or .venv/bin/cloudmask" in done.stderr
+
+    quick_start = (REPO / "README.md").read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    first_command = quick_start.index("`cloudmask ")
+    hint = quick_start.rfind("(`. .venv/bin/activate`)", 0, first_command)
+    assert 0 <= hint and "(`.venv/bin/cloudmask`)" in quick_start[hint:first_command]
+    for how in (f". {venv}/bin/activate && cloudmask --version", f"{venv}/bin/cloudmask --version"):
+        done = subprocess.run(["bash", "-c", how], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and done.stdout.startswith("cloudmask"), (how, done.stdout + done.stderr)

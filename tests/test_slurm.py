@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from conftest import TINY, run_cli
 
-# A real cluster and real jobs: minutes. Left out of the default run; `./scripts/test.sh -m slow` (and CI) runs them.
+# A real cluster and real jobs: minutes. Left out of the default run; `./scripts/test.sh -m slow` (and CI) runs them,
+# all on one pytest-xdist worker (test.sh's --dist loadfile: the cluster's ports are fixed, one cluster at a time).
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SH, AGGREGATE_SH = REPO / "slurm" / "train.sh", REPO / "slurm" / "aggregate.sh"

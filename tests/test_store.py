@@ -88,6 +88,7 @@ def test_global_order_is_a_fresh_permutation_every_epoch(prepared, dataset):
             np.testing.assert_array_equal(b, np.asarray(d))
 
 
+@pytest.mark.slow  # two trainings compared; training from a store runs by default in the device-resident test
 def test_training_from_the_store_matches_the_raw_files(prepared, dataset, tmp_path):
     """Same seed, deterministic CPU: the store's float16 inputs move each epoch's loss by far less than 1e-3
     (stated tolerance: 2e-3 absolute on losses and accuracies, 5e-3 on the test accuracy)."""
@@ -156,6 +157,7 @@ def test_device_peaks():
     assert device_peak("AMD EPYC", "fp32") is None
 
 
+@pytest.mark.slow  # scripts/measure/compare_storage.py, a measuring script
 def test_the_comparison_script_prints_the_ratio_table(tmp_path):
     import subprocess
     import sys

@@ -63,6 +63,7 @@ def test_a_target_reached_early_stops_the_run_with_time_and_energy(dataset, tmp_
     assert failed.returncode == 1 and "run_stop" in failed.stdout + failed.stderr
 
 
+@pytest.mark.slow  # every epoch of a run; a target runs by default above
 def test_an_unreachable_target_runs_every_epoch_and_aborts(dataset, tmp_path):
     out = tmp_path / "run"
     r = _run(dataset, out, "train.target.metric=val_loss", "train.target.value=1e-9")
@@ -78,6 +79,7 @@ def test_an_unreachable_target_runs_every_epoch_and_aborts(dataset, tmp_path):
     assert run_cli("check-log", str(plain)).returncode == 1
 
 
+@pytest.mark.slow  # three trainings; the target itself runs by default above
 def test_resume_across_the_target_epoch_matches_an_uninterrupted_run(dataset, tmp_path):
     sets = ["train.epochs=4", "train.deterministic=true", "train.micro_batch_size=4"]
     straight = _run(dataset, tmp_path / "straight", *sets)

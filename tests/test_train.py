@@ -12,7 +12,7 @@ import time
 import h5py
 import numpy as np
 import pytest
-from conftest import TINY, assert_clean_error, run_cli
+from conftest import ALL_TEST_FILES, TINY, assert_clean_error, run_cli
 
 from cloudmask.config import load_config
 from cloudmask.dataset.files import find_files, read_sample, resolve_layout, stage_dataset
@@ -28,7 +28,7 @@ def _train(dataset, out, *extra):
 @pytest.fixture(scope="module")
 def finished_run(dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "run"
-    results = _train(dataset, out, "train.deterministic=true")
+    results = _train(dataset, out, "train.deterministic=true", ALL_TEST_FILES)
     return out, results
 
 
@@ -126,12 +126,13 @@ def test_mlperf_log_has_per_epoch_events_and_the_reference_result(finished_run):
 
 def test_same_seed_gives_identical_results(finished_run, dataset, tmp_path):
     _, first = finished_run
-    second = _train(dataset, tmp_path / "again", "train.deterministic=true")
+    second = _train(dataset, tmp_path / "again", "train.deterministic=true", ALL_TEST_FILES)
     assert second["history"] == first["history"]
     assert second["test"]["avg_accuracy"] == first["test"]["avg_accuracy"]
     assert [f["accuracy"] for f in second["test"]["per_file"]] == [f["accuracy"] for f in first["test"]["per_file"]]
-    other = _train(dataset, tmp_path / "other", "train.deterministic=true", "seed=99")
-    assert other["history"]["loss"] != first["history"]["loss"]
+    other = _train(dataset, tmp_path / "other", "train.deterministic=true", "seed=99", "train.epochs=1",
+                   "infer.enabled=false")
+    assert other["history"]["loss"][0] != first["history"]["loss"][0]
 
 
 def test_an_existing_run_directory_is_refused_and_left_alone(finished_run, dataset):
@@ -197,6 +198,7 @@ def _weights(run):
     return keras.models.load_model(run / "model.keras").get_weights()
 
 
+@pytest.mark.slow  # three trainings; a signal and a resume run by default in test_integrity (SIGHUP, two resumes)
 def test_sigterm_then_resume_continues_and_matches_an_uninterrupted_run(dataset, tmp_path):
     """Deterministic: the resumed run's whole history.csv (validation too) and final weights equal an
     uninterrupted run's. With micro-batches, as the bench preset: Keras re-chained the two batches it peeked at
@@ -236,9 +238,10 @@ def test_sigterm_then_resume_continues_and_matches_an_uninterrupted_run(dataset,
     assert resumed["test"]["avg_accuracy"] == straight["test"]["avg_accuracy"]
 
 
+@pytest.mark.slow  # a run stopped in inference, then resumed
 def test_sigterm_during_inference_stops_cleanly_and_resume_scores_only(dataset, tmp_path):
     out = tmp_path / "run"
-    sets = [*TINY, "train.epochs=1", "infer.images_per_call=1", "telemetry.idle_seconds=0"]
+    sets = [*TINY, ALL_TEST_FILES, "train.epochs=1", "infer.images_per_call=1", "telemetry.idle_seconds=0"]
     proc = subprocess.Popen([sys.executable, "-m", "cloudmask", "train", "--data", str(dataset), "--out", str(out),
                              *sum((["--set", s] for s in sets), [])], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
@@ -267,6 +270,7 @@ def test_sigterm_during_inference_stops_cleanly_and_resume_scores_only(dataset, 
     assert run_cli("check-log", str(out)).returncode == 0
 
 
+@pytest.mark.slow  # a run, then its checkpoint damaged and resumed
 def test_a_corrupt_checkpoint_on_resume(dataset, tmp_path):
     out = tmp_path / "run"
     _train(dataset, out, "train.epochs=1", "infer.enabled=false")
@@ -303,6 +307,7 @@ def test_a_bad_file_met_mid_run(dataset_copy, tmp_path):
     assert ok["status"] == "success" and ok["epochs_run"] == 2
 
 
+@pytest.mark.slow  # two trainings compared
 def test_micro_batches_give_the_same_training(dataset, tmp_path):
     """Batches of 8 as 4 accumulated micro-batches of 2: the same updates up to float rounding."""
     import keras
@@ -322,6 +327,7 @@ def test_micro_batches_give_the_same_training(dataset, tmp_path):
     assert micro["deviations"] == whole["deviations"]  # same global batch: not a deviation
 
 
+@pytest.mark.slow  # a six-epoch run; the early-stopping counters are checked by default in test_state
 def test_early_stopping_and_best_weights(dataset, tmp_path):
     r = _train(dataset, tmp_path / "es", "train.epochs=5", "train.early_stopping.enabled=true",
                "train.early_stopping.patience=0", "train.early_stopping.min_delta=10.0", "infer.enabled=false")
@@ -346,6 +352,7 @@ def test_infer_scores_a_finished_run_into_a_new_directory(finished_run, tmp_path
     assert_clean_error(done, "no such run directory")
 
 
+@pytest.mark.slow  # a run staged twice; staging a store runs by default in test_store
 def test_stage_to_copies_the_dataset_once_and_logs_mlperf_staging(dataset, tmp_path):
     stage = tmp_path / "node-local"
     cfg = load_config(overrides=[*TINY, "train.epochs=1", "infer.max_files=1", f"data.root={dataset}"])
@@ -363,6 +370,7 @@ def test_stage_to_copies_the_dataset_once_and_logs_mlperf_staging(dataset, tmp_p
     assert (again.files, again.copied) == (n_files, 0) and layout.train_dir == stage / "training"
 
 
+@pytest.mark.slow  # a run refused at staging; staging itself runs by default above
 def test_stage_to_an_unwritable_place_is_a_clean_error(dataset, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
@@ -371,6 +379,7 @@ def test_stage_to_an_unwritable_place_is_a_clean_error(dataset, tmp_path):
     assert_clean_error(done, "cannot stage the dataset")
 
 
+@pytest.mark.slow  # a whole run; precision's deviation is checked by default in test_config
 def test_mixed_precision_trains_and_is_a_deviation(dataset, tmp_path):
     results = _train(dataset, tmp_path / "bf16", "train.precision=mixed_bfloat16", "train.epochs=1",
                      "infer.max_files=1")
@@ -381,6 +390,7 @@ def test_mixed_precision_trains_and_is_a_deviation(dataset, tmp_path):
     keras.mixed_precision.set_global_policy("float32")  # later tests in this process build fp32 models
 
 
+@pytest.mark.slow  # two trainings compared, the two-replica one slow on 2 cores
 def test_two_mirrored_replicas_follow_the_single_device_trajectory(dataset, tmp_path):
     """Data parallelism (MirroredStrategy over 2 logical CPUs) against the same strategy on 1 device, same global
     batch: the same losses up to the all-reduce's summation order (stated tolerance: 1e-4 absolute per epoch).

@@ -275,10 +275,17 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+# Columns of free text (error messages with long paths): the only cells the HTML may break inside a word, so
+# that a narrow screen squeezes them and never a status or a number
+FREE_TEXT = {"reason"}
+
+
 def _table(headers: list[str], rows: list[list], **extra) -> dict:
-    """A table for the templates; ``numeric``: columns with a number in any row (right-aligned)."""
-    numeric = [any(_is_number(row[i]) for row in rows) for i in range(len(headers))]
-    return {"headers": headers, "rows": rows, "numeric": numeric, **extra}
+    """A table for the templates; ``numeric``: columns of numbers and empty cells (right-aligned, an all-empty
+    column too: a CPU run's GPU energy), ``free``: the FREE_TEXT columns."""
+    numeric = [h not in FREE_TEXT and all(_is_number(row[i]) or row[i] in (None, "") for row in rows)
+               for i, h in enumerate(headers)]
+    return {"headers": headers, "rows": rows, "numeric": numeric, "free": [h in FREE_TEXT for h in headers], **extra}
 
 
 # The per-run tables: a main one and one of energy and target details, each narrow enough for a laptop screen

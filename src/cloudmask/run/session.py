@@ -388,6 +388,9 @@ class RunSession:
 
     def _close_telemetry(self, keep: bool = False) -> dict:
         """Stop measuring; ``keep``: this attempt's energy goes into the state for the attempt that finishes."""
+        if self.mode.measures and self.tel.manifest is None:
+            # stopped before its inputs opened: the host, GPU, job and command of a failed run are still recorded
+            self.tel.write_provenance(None, None, {})
         self._energy = self.tel.finish()
         if keep:
             self.state.keep_energy(self._energy)
