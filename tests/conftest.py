@@ -28,17 +28,16 @@ def patch_cache_dir(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session", autouse=True)
-def private_user_cache(tmp_path_factory) -> Path:
-    """$XDG_CACHE_HOME (where bench synthesizes its data) under pytest's temporary root, for this process and
-    every CLI run and job it starts: the suite never writes into the user's ~/.cache."""
-    root = tmp_path_factory.mktemp("xdg-cache")
-    os.environ["XDG_CACHE_HOME"] = str(root)
-    return root
+def pytest_sessionstart(session):
+    """$XDG_CACHE_HOME under pytest's temporary root before the tests are collected (importing TensorFlow, as
+    some test modules do, writes matplotlib's font cache there), for this process and every CLI run and job it
+    starts (bench synthesizes its data there): the suite never writes into the user's ~/.cache. The session's
+    tmp_path_factory, as the fixture of that name gives it; no fixture exists yet."""
+    os.environ["XDG_CACHE_HOME"] = str(session.config._tmp_path_factory.mktemp("xdg-cache"))
 
 
 # What a test must leave alone: the checkout (but for Python's own caches and the .venv the test command made)
-# and the user's cloudmask cache. A test that adds a file there fails, named, at its teardown.
+# and the user's ~/.cache. A test that adds a file there fails, named, at its teardown.
 REPO = Path(__file__).resolve().parents[1]
 _NOT_WATCHED = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache"}
 
@@ -53,7 +52,9 @@ def _files_under(root: Path) -> set[str]:
 
 
 def _watched() -> set[str]:
-    return _files_under(REPO) | _files_under(Path.home() / ".cache" / "cloudmask")
+    cache = Path.home() / ".cache"  # its top level (a new tool's cache) and all of cloudmask's
+    top = {str(p) for p in cache.iterdir()} if cache.is_dir() else set()
+    return _files_under(REPO) | top | _files_under(cache / "cloudmask")
 
 
 @pytest.fixture(autouse=True)

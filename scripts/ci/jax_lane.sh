@@ -11,4 +11,6 @@ export CLOUDMASK_VENV=${CLOUDMASK_JAX_VENV:-$PWD/.venv-jax}
 source scripts/env.sh
 cloudmask_env jax,test
 export KERAS_BACKEND=jax
-exec python -m pytest tests/test_jax_lane.py tests/test_telemetry.py "$@"
+read -ra xdist <<<"$(cloudmask_xdist_args)"
+exec python -m pytest -o cache_dir="$CLOUDMASK_VENV/.pytest_cache" ${xdist[@]+"${xdist[@]}"} \
+    tests/test_jax_lane.py tests/test_telemetry.py "$@"
