@@ -66,8 +66,8 @@ _cloudmask_union() {
 
 # pytest-xdist arguments for the test scripts: one worker per CPU core, at most 4 and one per 6 GiB of available
 # memory (a test and the `cloudmask` it starts may take up to 6 GiB; CLOUDMASK_TEST_WORKERS=N chooses). Each test
-# file goes to one worker (a module's fixtures made once, one local SLURM cluster at a time), files in collection
-# order (test_bench.py, the longest, starts first) rather than by number of tests. Nothing for one worker.
+# file goes to one worker (a module's fixtures made once, one local SLURM cluster at a time), files in the order
+# tests/conftest.py collects them (the longest test's first, then by number of tests). Nothing for one worker.
 cloudmask_xdist_args() {
     local cores mem_gib n
     cores=$(nproc 2>/dev/null || echo 1)

@@ -159,6 +159,19 @@ def pytest_testnodedown(node, error):
             _peaks[key] = (gib, test)
 
 
+@pytest.hookimpl(trylast=True)  # after -m has deselected: only the tests that will run count
+def pytest_collection_modifyitems(config, items):
+    """The order in which the pytest-xdist workers take the files (test.sh: --dist loadfile
+    --no-loadscope-reorder): a file with a ``longest`` test first, so that it never runs alone at the end,
+    then the files with more tests before those with fewer (pytest-xdist's own order)."""
+    files: dict[str, list] = {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+    first = {f for f, its in files.items() if any(i.get_closest_marker("longest") for i in its)}
+    ordered = sorted(files, key=lambda f: (f not in first, -len(files[f])))
+    items[:] = [item for f in ordered for item in files[f]]
+
+
 def _over_limit() -> list[str]:
     return [f"{who} {gib:.2f} GiB in {test}" for who, (gib, test) in _peaks.items() if gib > RSS_LIMIT_GIB]
 

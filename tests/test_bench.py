@@ -10,6 +10,7 @@ from cloudmask.dataset import synth
 
 
 @pytest.mark.slow  # the reference model for 5 epochs: ~6-9 minutes on 2 cores; .ci/run runs it after the suite
+@pytest.mark.longest
 def test_bench_end_to_end_beats_the_majority_baseline(tmp_path):
     out = tmp_path / "R"
     done = run_cli("bench", "--out", str(out), env={"XDG_CACHE_HOME": str(tmp_path / "cache")}, timeout=1500)

@@ -4,6 +4,7 @@ driven by Selenium) at a laptop's 1,280 px, with names, machines and reasons as 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -14,7 +15,8 @@ WIDTH = 1280
 GPU = "NVIDIA H100 80GB HBM3"
 
 
-def _browser():
+def _browser(tmp_path):
+    """Headless Chromium whose profile and temporary files stay in ``tmp_path`` (not in the shared /tmp)."""
     webdriver = pytest.importorskip("selenium.webdriver")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver") or "/usr/lib/chromium/chromedriver"
@@ -24,9 +26,9 @@ def _browser():
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                f"--window-size={WIDTH},900", "--hide-scrollbars"):
+                f"--window-size={WIDTH},900", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}"):
         options.add_argument(arg)
-    return webdriver.Chrome(service=Service(driver), options=options)
+    return webdriver.Chrome(service=Service(driver, env={**os.environ, "TMPDIR": str(tmp_path)}), options=options)
 
 
 # Each word (whitespace-separated) of a table cell that the browser laid out on more than one line, with its
@@ -69,7 +71,7 @@ def test_report_html_fits_a_laptop_screen_with_friendly_names(tmp_path):
     assert done.returncode == 0, done.stderr
     page = results / "report" / "report.html"
 
-    browser = _browser()
+    browser = _browser(tmp_path)
     try:
         browser.get(page.as_uri())
         width = browser.execute_script("return document.documentElement.scrollWidth")
