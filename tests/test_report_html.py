@@ -15,8 +15,9 @@ WIDTH = 1280
 GPU = "NVIDIA H100 80GB HBM3"
 
 
-def _browser(tmp_path):
-    """Headless Chromium whose profile and temporary files stay in ``tmp_path`` (not in the shared /tmp)."""
+def _browser(scratch):
+    """Headless Chromium whose profile and temporary files stay in ``scratch``, not in the shared /tmp (a short
+    path: Chromium's socket under it must fit the 107 characters of a Unix socket address)."""
     webdriver = pytest.importorskip("selenium.webdriver")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver") or "/usr/lib/chromium/chromedriver"
@@ -26,9 +27,9 @@ def _browser(tmp_path):
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                f"--window-size={WIDTH},900", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}"):
+                f"--window-size={WIDTH},900", "--hide-scrollbars", f"--user-data-dir={scratch / 'profile'}"):
         options.add_argument(arg)
-    return webdriver.Chrome(service=Service(driver, env={**os.environ, "TMPDIR": str(tmp_path)}), options=options)
+    return webdriver.Chrome(service=Service(driver, env={**os.environ, "TMPDIR": str(scratch)}), options=options)
 
 
 # Each word (whitespace-separated) of a table cell that the browser laid out on more than one line, with its
@@ -60,7 +61,7 @@ def _experiment(root, name, n, status_of=lambda seed: "success"):
                           "per_epoch_j": [123456.7, 123456.8]})
 
 
-def test_report_html_fits_a_laptop_screen_with_friendly_names(tmp_path):
+def test_report_html_fits_a_laptop_screen_with_friendly_names(tmp_path, tmp_path_factory):
     results = tmp_path / "results"
     _experiment(results, "h100-bf16-batch256-xla-global-shuffle", 5, lambda s: "failed" if s == 5 else "success")
     _experiment(results, "a100", 1)
@@ -71,7 +72,7 @@ def test_report_html_fits_a_laptop_screen_with_friendly_names(tmp_path):
     assert done.returncode == 0, done.stderr
     page = results / "report" / "report.html"
 
-    browser = _browser(tmp_path)
+    browser = _browser(tmp_path_factory.mktemp("chrome"))
     try:
         browser.get(page.as_uri())
         width = browser.execute_script("return document.documentElement.scrollWidth")
