@@ -20,20 +20,15 @@ TINY = ["model.filters=4", "model.depth=2", "train.batch_size=8", "train.epochs=
 ALL_TEST_FILES = "infer.max_files=null"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def patch_cache_dir(tmp_path_factory) -> Path:
-    """data.cache=auto writes here, not to the user's ~/.cache (CLI runs and SLURM jobs inherit it)."""
-    root = tmp_path_factory.mktemp("patch-cache")
-    os.environ["CLOUDMASK_CACHE_DIR"] = str(root)
-    return root
-
-
 def pytest_sessionstart(session):
-    """$XDG_CACHE_HOME under pytest's temporary root before the tests are collected (importing TensorFlow, as
-    some test modules do, writes matplotlib's font cache there), for this process and every CLI run and job it
-    starts (bench synthesizes its data there): the suite never writes into the user's ~/.cache. The session's
-    tmp_path_factory, as the fixture of that name gives it; no fixture exists yet."""
-    os.environ["XDG_CACHE_HOME"] = str(session.config._tmp_path_factory.mktemp("xdg-cache"))
+    """The user's caches moved under pytest's temporary root before the tests are collected, for this process
+    and every CLI run and job it starts, so the suite never writes into ~/.cache: $XDG_CACHE_HOME (importing
+    TensorFlow, as some test modules do, writes matplotlib's font cache there; bench synthesizes its data there)
+    and $CLOUDMASK_CACHE_DIR (data.cache=auto). The session's tmp_path_factory, as the fixture of that name gives
+    it; no fixture exists yet."""
+    tmp = session.config._tmp_path_factory
+    os.environ["CLOUDMASK_CACHE_DIR"] = str(tmp.mktemp("patch-cache"))
+    os.environ["XDG_CACHE_HOME"] = str(tmp.mktemp("xdg-cache"))
 
 
 # What a test must leave alone: the checkout (but for Python's own caches and the .venv the test command made)
