@@ -65,15 +65,18 @@ _cloudmask_union() {
 }
 
 # pytest-xdist arguments for the test scripts: one worker per CPU core, at most 4 and one per 6 GiB of available
-# memory (a test and the `cloudmask` it starts may take up to 6 GiB; CLOUDMASK_TEST_WORKERS=N chooses). Each test
-# file goes to one worker (a module's fixtures made once, one local SLURM cluster at a time), files in the order
-# tests/conftest.py collects them (the longest test's first, then by number of tests). Nothing for one worker.
+# memory (a test and the `cloudmask` it starts may take up to 6 GiB; CLOUDMASK_TEST_WORKERS=N chooses). By default
+# each test file goes to one worker (a module's fixtures made once, one local SLURM cluster at a time), files in
+# the order tests/conftest.py collects them (the longest test's first, then by number of tests). A lane whose tests
+# share nothing but session fixtures passes `worksteal`: tests, not files, and an idle worker takes half of a busy
+# one's queue (a file of one long test otherwise brings its next file along). Nothing for one worker.
+#   cloudmask_xdist_args [loadfile|worksteal]
 cloudmask_xdist_args() {
-    local cores mem_gib n
+    local cores mem_gib n dist=${1:-loadfile}
     cores=$(nproc 2>/dev/null || echo 1)
     mem_gib=$(awk '/^MemAvailable:/ {print int($2 / 1048576)}' /proc/meminfo 2>/dev/null || echo 6)
     n=$((cores < 4 ? cores : 4))
     if [ $((mem_gib / 6)) -lt "$n" ]; then n=$((mem_gib / 6)); fi
     n=${CLOUDMASK_TEST_WORKERS:-$n}
-    if [ "$n" -gt 1 ]; then echo "-n $n --dist loadfile --no-loadscope-reorder"; fi
+    if [ "$n" -gt 1 ]; then echo "-n $n --dist $dist --no-loadscope-reorder"; fi
 }

@@ -10,7 +10,7 @@ source "$(dirname "$0")/env.sh"
 cloudmask_env tf,test
 cd "$(dirname "$0")/.."
 
-read -ra xdist <<<"$(cloudmask_xdist_args)"
+read -ra xdist <<<"$(cloudmask_xdist_args loadfile)"
 args=()
 for a in "$@"; do
     case $a in

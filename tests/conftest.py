@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,14 +22,16 @@ ALL_TEST_FILES = "infer.max_files=null"
 
 
 def pytest_sessionstart(session):
-    """The user's caches moved under pytest's temporary root before the tests are collected, for this process
-    and every CLI run and job it starts, so the suite never writes into ~/.cache: $XDG_CACHE_HOME (importing
-    TensorFlow, as some test modules do, writes matplotlib's font cache there; bench synthesizes its data there)
-    and $CLOUDMASK_CACHE_DIR (data.cache=auto). The session's tmp_path_factory, as the fixture of that name gives
-    it; no fixture exists yet."""
+    """The user's caches and the shared temporary directory moved under pytest's temporary root before the tests
+    are collected, for this process and every CLI run and job it starts, so the suite never writes into ~/.cache
+    or /tmp: $XDG_CACHE_HOME (importing TensorFlow, as some test modules do, writes matplotlib's font cache there;
+    bench synthesizes its data there), $CLOUDMASK_CACHE_DIR (data.cache=auto) and $TMPDIR (ReFrame's rfm-*.log,
+    Keras's save directory that a killed run leaves behind). The session's tmp_path_factory, as the fixture of
+    that name gives it; no fixture exists yet, and pytest's own root is already placed."""
     tmp = session.config._tmp_path_factory
     os.environ["CLOUDMASK_CACHE_DIR"] = str(tmp.mktemp("patch-cache"))
     os.environ["XDG_CACHE_HOME"] = str(tmp.mktemp("xdg-cache"))
+    tempfile.tempdir = os.environ["TMPDIR"] = str(tmp.mktemp("tmp"))
 
 
 # What a test must leave alone: the checkout (but for Python's own caches and the .venv the test command made)

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,18 @@ def test_after_the_quick_start_readme_and_bench_sh_say_how_to_run_cloudmask_and_
     for how in (f". {venv}/bin/activate && cloudmask --version", f"{venv}/bin/cloudmask --version"):
         done = subprocess.run(["bash", "-c", how], env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and done.stdout.startswith("cloudmask"), (how, done.stdout + done.stderr)
+
+
+def test_the_suite_and_what_it_starts_keep_temporary_files_and_caches_under_pytest_root(tmp_path_factory):
+    """tests/conftest.py points the temporary directory and the user caches of the session, and of every process
+    it starts, under pytest's own root (#35): nothing of the tests lands in /tmp (ReFrame's rfm-*.log, a killed
+    run's Keras save directory) or in ~/.cache."""
+    root = tmp_path_factory.getbasetemp().resolve()
+    code = ("import os, tempfile; print(tempfile.gettempdir()); print(os.environ['XDG_CACHE_HOME']); "
+            "print(os.environ['CLOUDMASK_CACHE_DIR'])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    started = done.stdout.split()
+    assert len(started) == 3
+    for path in (tempfile.gettempdir(), *started):
+        assert Path(path).resolve().is_relative_to(root), f"{path} is not under {root}"

@@ -1,7 +1,7 @@
 """The GPU measurement suite: every accelerator figure of docs/performance.md from one prepared command.
 
     scripts/measure/gpu_suite.sh --out DIR                   on the GPU machine (Keras on JAX; see the .sh)
-    scripts/measure/gpu_suite.sh --out DIR --cpu --small     the same steps at toy size on the CPU (tests/test_jax_lane.py)
+    scripts/measure/gpu_suite.sh --out DIR --cpu --small     the same steps at toy size on the CPU (tests/test_gpu_suite.py)
 
 Each step is a real ``cloudmask`` command run as a user runs it; its output goes to DIR/logs/<step>.log and its
 figures into DIR/suite.json, which is rewritten after every step, so a run cut off at a time limit keeps what it
