@@ -76,7 +76,11 @@ cloudmask_xdist_args() {
     cores=$(nproc 2>/dev/null || echo 1)
     mem_gib=$(awk '/^MemAvailable:/ {print int($2 / 1048576)}' /proc/meminfo 2>/dev/null || echo 6)
     n=$((cores < 4 ? cores : 4))
-    if [ $((mem_gib / 6)) -lt "$n" ]; then n=$((mem_gib / 6)); fi
+    if [ $((mem_gib / 6)) -lt "$n" ] && [ -z "${CLOUDMASK_TEST_WORKERS:-}" ]; then
+        n=$((mem_gib / 6))
+        echo "tests: $((n > 1 ? n : 1)) worker(s) for $cores cores: ${mem_gib} GiB of memory available, 6 GiB per worker" \
+             "(CLOUDMASK_TEST_WORKERS=N chooses)" >&2
+    fi
     n=${CLOUDMASK_TEST_WORKERS:-$n}
     if [ "$n" -gt 1 ]; then echo "-n $n --dist $dist --no-loadscope-reorder"; fi
 }
