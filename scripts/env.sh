@@ -73,7 +73,8 @@ _cloudmask_union() {
 #   cloudmask_xdist_args [loadfile|worksteal]
 cloudmask_xdist_args() {
     local cores mem_gib n dist=${1:-loadfile}
-    cores=$(nproc 2>/dev/null || echo 1)
+    # the CPUs this process may use (affinity, cgroup), but not OMP_NUM_THREADS, which GNU nproc also obeys
+    cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 1)
     mem_gib=$(awk '/^MemAvailable:/ {print int($2 / 1048576)}' /proc/meminfo 2>/dev/null || echo 6)
     n=$((cores < 4 ? cores : 4))
     if [ $((mem_gib / 6)) -lt "$n" ] && [ -z "${CLOUDMASK_TEST_WORKERS:-}" ]; then

@@ -72,3 +72,20 @@ def test_the_suite_and_what_it_starts_keep_temporary_files_and_caches_under_pyte
     assert len(started) == 3
     for path in (tempfile.gettempdir(), *started):
         assert Path(path).resolve().is_relative_to(root), f"{path} is not under {root}"
+
+
+def test_the_test_workers_follow_the_cpus_not_omp_num_threads():
+    """scripts/env.sh's worker count for the test scripts: OMP_NUM_THREADS=1, common in HPC shells, must not
+    turn the suite into one process (GNU nproc obeys it)."""
+    def workers(**extra: str) -> str:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "CLOUDMASK_TEST_WORKERS"))}
+        done = subprocess.run(["bash", "-c", f"source {REPO / 'scripts' / 'env.sh'}; cloudmask_xdist_args loadfile"],
+                              env={**env, **extra}, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    plain = workers()
+    assert workers(OMP_NUM_THREADS="1", OMP_THREAD_LIMIT="1") == plain
+    if (os.cpu_count() or 1) > 1 and plain:
+        assert plain.startswith("-n ") and "--dist loadfile" in plain
+    assert workers(CLOUDMASK_TEST_WORKERS="3") == "-n 3 --dist loadfile --no-loadscope-reorder"
