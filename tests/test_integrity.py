@@ -233,6 +233,8 @@ def test_sigkill_swept_over_a_run_then_resume_always_gives_one_checked_log(datas
 # ------------------------------------------------------------------------- a signal always stops
 
 
+@pytest.mark.slow  # the same handler as SIGTERM, which runs by default in
+# test_two_resumes_at_once_one_trains_the_other_is_refused_naming_it (_interrupted_run)
 def test_sighup_stops_like_sigterm_with_an_interrupted_record(dataset, tmp_path):
     out = tmp_path / "run"
     proc = _start("train", "--data", str(dataset), "--out", str(out), *_sets("train.epochs=20"))

@@ -215,6 +215,8 @@ def test_rapl_absent_or_unreadable(tmp_path):
 # --------------------------------------------------------------------------------------- whole runs
 
 
+@pytest.mark.slow  # a whole run (also in the JAX lane); the meter's sampling, integration, idle baseline and
+# power.csv run by default in the tests above
 def test_a_run_with_a_fake_gpu_records_energy_everywhere(dataset, tmp_path, monkeypatch):
     from conftest import TINY, run_cli
 

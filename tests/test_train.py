@@ -124,6 +124,8 @@ def test_mlperf_log_has_per_epoch_events_and_the_reference_result(finished_run):
     assert keys[-1] == "run_stop"
 
 
+@pytest.mark.slow  # a second whole run; seeded determinism runs by default in
+# test_pipeline.py::test_same_seed_same_order_and_resume_reproduces_the_epoch (the order, bit for bit)
 def test_same_seed_gives_identical_results(finished_run, dataset, tmp_path):
     _, first = finished_run
     second = _train(dataset, tmp_path / "again", "train.deterministic=true", ALL_TEST_FILES)

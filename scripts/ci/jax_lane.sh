@@ -13,5 +13,6 @@ source scripts/env.sh
 cloudmask_env jax,test
 export KERAS_BACKEND=jax
 read -ra xdist <<<"$(cloudmask_xdist_args worksteal)"
-exec python -m pytest -o cache_dir="$CLOUDMASK_VENV/.pytest_cache" ${xdist[@]+"${xdist[@]}"} \
+# every test of these files, the slow-marked whole run of test_telemetry.py too (pyproject's addopts leave it out)
+exec python -m pytest -o cache_dir="$CLOUDMASK_VENV/.pytest_cache" ${xdist[@]+"${xdist[@]}"} -m "slow or not slow" \
     tests/test_gpu_suite.py tests/test_jax_lane.py tests/test_telemetry.py "$@"
